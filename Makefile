@@ -1,0 +1,43 @@
+# Two commands set up everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+IMGSERVE := $(VENV)/bin/imgserve
+STAMP := $(VENV)/.installed
+REPO ?= model_repository
+GRPC_PORT ?= 8500
+HTTP_PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: install repo run test tools lint clean proto
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Builds the default repository only when it is missing (training takes a few CPU minutes).
+repo: install
+	$(IMGSERVE) build-repo --model-repository $(REPO) --if-missing
+
+run: repo
+	$(IMGSERVE) serve --model-repository $(REPO) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
+
+# promtool (Prometheus) and kubectl check our metrics and manifests; install them when absent.
+tools:
+	@command -v promtool >/dev/null || { echo "installing prometheus (promtool) from apt"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+	  || echo "WARNING: could not install promtool; its test will be skipped"; }
+
+test: install tools
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+proto: install
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Client-side subcommands of the imgserve CLI."""

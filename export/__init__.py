@@ -1,0 +1,1 @@
+"""Training, ONNX export and repository building (torch lives only here)."""

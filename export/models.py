@@ -1,0 +1,142 @@
+"""The model registry: a name maps to a builder plus its input sizes, normalization and task.
+
+Adding a model is one decorated function::
+
+    @register_model("mynet", resize=256, crop=224)
+    def mynet(num_classes: int) -> nn.Module: ...
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+Builder = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about an architecture.
+
+    resize/crop: the default S and C (resize shorter side to S, crop C x C).
+    torchvision_name: the torchvision builder whose weight enums and state_dicts apply.
+    """
+
+    name: str
+    builder: Builder
+    resize: int
+    crop: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task: str = "classification"
+    ten_crop_default: bool = False
+    torchvision_name: str | None = None
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, resize: int, crop: int, channels: int = 3,
+                   mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                   task: str = "classification", ten_crop_default: bool = False,
+                   torchvision_name: str | None = None) -> Callable[[Builder], Builder]:
+    def decorate(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, fn, resize, crop, channels, tuple(mean), tuple(std), task,
+                                     ten_crop_default, torchvision_name)
+        return fn
+    return decorate
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, init: str | None = "kaiming") -> nn.Module:
+    """Build a registered model; ``init`` re-initialises conv/linear weights (None keeps the builder's)."""
+    model = get_entry(name).builder(num_classes)
+    if init is not None:
+        init_weights(model, init)
+    return model
+
+
+def init_weights(model: nn.Module, scheme: str = "kaiming") -> None:
+    """He init (Var[w] = 2/n_in) for ReLU nets, or "lecun" (Var[w] = 1/n_in) to compare against.
+
+    n_in is the fan-in (in_channels * kh * kw for a conv). Biases start at 0,
+    BatchNorm at weight 1 / bias 0.
+    """
+    gains = {"kaiming": 2.0, "he": 2.0, "lecun": 1.0}
+    if scheme not in gains:
+        raise ValueError(f"init must be one of {sorted(gains)}, not {scheme!r}")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            nn.init.normal_(m.weight, 0.0, math.sqrt(gains[scheme] / fan_in))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------ models
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and BatchNorm: 32x32x1 in, logits out."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120), nn.BatchNorm1d(120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.BatchNorm1d(84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# MNIST digits are 28x28; LeNet sees them zero-padded to 32x32 (the ONNX graph pads in-graph).
+@register_model("lenet5", resize=28, crop=28, channels=1, mean=MNIST_MEAN, std=MNIST_STD)
+def lenet5(num_classes: int) -> nn.Module:
+    return LeNet5(num_classes)
+
+
+def _torchvision(arch: str) -> Builder:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    build.__name__ = arch
+    return build
+
+
+# AlexNet's own paper used 10-crop at test time, so it is that model's default.
+register_model("alexnet", resize=256, crop=224, ten_crop_default=True, torchvision_name="alexnet")(_torchvision("alexnet"))
+register_model("resnet18", resize=256, crop=224, torchvision_name="resnet18")(_torchvision("resnet18"))
+register_model("resnet34", resize=256, crop=224, torchvision_name="resnet34")(_torchvision("resnet34"))
+register_model("resnet50", resize=256, crop=224, torchvision_name="resnet50")(_torchvision("resnet50"))
+register_model("densenet121", resize=256, crop=224, torchvision_name="densenet121")(_torchvision("densenet121"))

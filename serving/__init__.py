@@ -1,0 +1,1 @@
+"""imgserve gateway: decoding, 10-crop TTA, dynamic batching and protocols in front of a backend."""

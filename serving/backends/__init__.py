@@ -1,0 +1,1 @@
+"""Inference backends: embedded ONNX Runtime and Triton share one small async interface."""

@@ -28,6 +28,9 @@ class ModelEntry:
 
     resize/crop: the default S and C (resize shorter side to S, crop C x C).
     torchvision_name: the torchvision builder whose weight enums and state_dicts apply.
+    pad_to: the spatial size the network itself consumes when it is larger than crop; the
+        crop is zero-padded (black) to pad_to x pad_to before normalization, in training and
+        inside the exported graph alike (LeNet-5: 28 -> 32).
     """
 
     name: str
@@ -40,6 +43,7 @@ class ModelEntry:
     task: str = "classification"
     ten_crop_default: bool = False
     torchvision_name: str | None = None
+    pad_to: int | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -48,12 +52,12 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, *, resize: int, crop: int, channels: int = 3,
                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                    task: str = "classification", ten_crop_default: bool = False,
-                   torchvision_name: str | None = None) -> Callable[[Builder], Builder]:
+                   torchvision_name: str | None = None, pad_to: int | None = None) -> Callable[[Builder], Builder]:
     def decorate(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelEntry(name, fn, resize, crop, channels, tuple(mean), tuple(std), task,
-                                     ten_crop_default, torchvision_name)
+                                     ten_crop_default, torchvision_name, pad_to)
         return fn
     return decorate
 
@@ -120,7 +124,7 @@ class LeNet5(nn.Module):
 
 
 # MNIST digits are 28x28; LeNet sees them zero-padded to 32x32 (the ONNX graph pads in-graph).
-@register_model("lenet5", resize=28, crop=28, channels=1, mean=MNIST_MEAN, std=MNIST_STD)
+@register_model("lenet5", resize=28, crop=28, channels=1, mean=MNIST_MEAN, std=MNIST_STD, pad_to=32)
 def lenet5(num_classes: int) -> nn.Module:
     return LeNet5(num_classes)
 

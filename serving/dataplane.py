@@ -1,20 +1,33 @@
 """The data plane: validate, decode+crop, batch, infer, average crops, top-k.
 
-Transports (gRPC, HTTP, Open Inference Protocol) call only this module; it is
-transport-agnostic and raises only serving.errors types.
-(Work in progress: the public signatures are final, the bodies land next.)
+Transports (gRPC, HTTP, Open Inference Protocol) call only this class. It is
+transport-agnostic and raises only serving.errors types. Decoding runs in a
+thread pool sized to the cores so the event loop never blocks; crops go
+through one Batcher per model, so concurrent requests share backend calls.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.backends.base import Backend
+from serving.batcher import Batcher
+from serving.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ServingError
 from serving.metrics import Metrics
+from serving.preprocess import DecodeOptions, configure_pillow, crops_per_image, preprocess
 from serving.repository import ModelSpec
 from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -47,30 +60,194 @@ class ModelStatus:
 
 
 class DataPlane:
+    """Everything between a parsed request and its answer; one per gateway process."""
+
     def __init__(self, settings: Settings, backend: Backend, metrics: Metrics) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        self._decode_options = DecodeOptions(max_pixels=settings.max_image_pixels)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._stopping = False
+        # stop() may take this long to drain queued crops before failing them
+        self._drain_timeout_s = float(getattr(settings, "shutdown_grace_s", DEFAULT_DRAIN_TIMEOUT_S))
+        configure_pillow(settings.max_image_pixels)
+
+    # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Start the backend and one batcher per served model."""
+        if self._started:
+            return
+        workers = self.settings.preprocess_threads or self.settings.cores
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        await self.backend.start()
+        self._stopping = False
+        self._started = True
+        for spec in (await self.backend.models()).values():
+            await self._batcher(spec)
+        self.metrics.set_backend_up(self.backend.name, await self.backend.ready())
 
     async def stop(self) -> None:
-        raise NotImplementedError
+        """Drain: queued crops are still computed and answered, then the backend closes."""
+        self._stopping = True
+        batchers = [b for _, b in self._batchers.values()]
+        self._batchers = {}
+        await asyncio.gather(*(b.stop(timeout=self._drain_timeout_s) for b in batchers), *self._retired)
+        await self.backend.close()
+        self.metrics.set_backend_up(self.backend.name, False)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._started = False
 
     async def ready(self) -> bool:
-        raise NotImplementedError
+        up = self._started and not self._stopping and await self.backend.ready()
+        self.metrics.set_backend_up(self.backend.name, up)
+        return up
+
+    # ------------------------------------------------------------ models
 
     async def list_models(self) -> list[ModelStatus]:
-        raise NotImplementedError
+        specs = await self.backend.models()
+        return [ModelStatus(spec=spec, ready=await self.backend.model_ready(name))
+                for name, spec in sorted(specs.items())]
 
     async def get_model(self, name: str) -> ModelStatus:
-        raise NotImplementedError
+        spec = await self._spec(name)
+        return ModelStatus(spec=spec, ready=await self.backend.model_ready(name))
+
+    async def _spec(self, name: str) -> ModelSpec:
+        specs = await self.backend.models()
+        spec = specs.get(name)
+        if spec is None:
+            available = ", ".join(sorted(specs)) or "none"
+            raise ModelNotFound(f"model {name!r} not found; available models: {available}")
+        return spec
+
+    async def _batcher(self, spec: ModelSpec) -> Batcher:
+        """The model's batcher; a new model version with a different spec gets a fresh one."""
+        current = self._batchers.get(spec.name)
+        if current is not None and current[0] == spec:
+            return current[1]
+        batcher = Batcher(
+            spec.name, functools.partial(self.backend.infer, spec.name),
+            max_batch_size=self.settings.max_batch_size or spec.max_batch_size,
+            max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
+            max_queue_size=self.settings.max_queue_size,
+            metrics=self.metrics, backend_name=self.backend.name,
+            max_concurrent_batches=max(1, spec.instance_count),
+            item_shape=spec.input_shape, item_dtype=np.uint8)
+        await batcher.start()
+        self._batchers[spec.name] = (spec, batcher)
+        if current is not None:  # let the old version's queued work finish in the background
+            task = asyncio.create_task(current[1].stop(timeout=self._drain_timeout_s))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return batcher
+
+    # ------------------------------------------------------------ inference
 
     async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
                             deadline: float | None = None) -> ProbabilitiesResult:
-        raise NotImplementedError
+        """Softmax probabilities [N, K] per image (averaged over the ten crops when ten_crop)."""
+        self._check_running()
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.request_timeout_s
+        spec = await self._spec(model)
+        self._check_images(images)
+        if ten_crop is None:
+            ten_crop = spec.preprocess.ten_crop_default
+        return await self._run(spec, images, bool(ten_crop), deadline)
 
     async def classify(self, model: str, images: Sequence[bytes], *, top_k: int | None = None,
                        ten_crop: bool | None = None, deadline: float | None = None) -> ClassifyResult:
-        raise NotImplementedError
+        """The top-k classes with labels per image, best first (ties: lower class index first)."""
+        self._check_running()
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.request_timeout_s
+        spec = await self._spec(model)
+        k = self.settings.default_top_k if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
+        k = min(int(k), spec.num_classes)
+        self._check_images(images)
+        if ten_crop is None:
+            ten_crop = spec.preprocess.ten_crop_default
+        result = await self._run(spec, images, bool(ten_crop), deadline)
+        ranked = []
+        for row in result.probabilities:
+            order = np.argsort(-row, kind="stable")[:k]
+            ranked.append([ClassScore(index=int(i), label=spec.labels[i], score=float(row[i])) for i in order])
+        return ClassifyResult(model=result.model, version=result.version, ten_crop=result.ten_crop, results=ranked)
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise BackendUnavailable("the server is shutting down")
+        if not self._started:
+            raise BackendUnavailable("the data plane is not started")
+
+    def _check_images(self, images: Sequence[bytes]) -> None:
+        if isinstance(images, (bytes, bytearray, memoryview, str)):
+            raise InvalidInput("images must be a list of encoded images, not a single value")
+        n = len(images)
+        limit = self.settings.max_images_per_request
+        if n == 0:
+            raise InvalidInput("no images in the request")
+        if n > limit:
+            raise InvalidInput(f"{n} images in one request; the limit is {limit}")
+        for i, data in enumerate(images):
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidInput(f"image {i}: expected encoded image bytes, got {type(data).__name__}")
+
+    async def _run(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
+                   deadline: float) -> ProbabilitiesResult:
+        self._check_running()
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request started")
+        crops = await self._preprocess(spec, images, ten_crop, deadline)
+        batcher = await self._batcher(spec)
+        probs = await batcher.submit(crops, deadline=deadline)
+        per_image = crops_per_image(ten_crop)
+        probs = probs.reshape(len(images), per_image, spec.num_classes)
+        averaged = probs.mean(axis=1, dtype=np.float32) if per_image > 1 else probs[:, 0]
+        return ProbabilitiesResult(model=spec.name, version=str(spec.version), ten_crop=ten_crop,
+                                   probabilities=np.ascontiguousarray(averaged, dtype=np.float32))
+
+    async def _preprocess(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
+                          deadline: float) -> np.ndarray:
+        """Decode and crop every image in the pool; [N * crops, C, C, channels] uint8."""
+        executor = self._executor
+        if executor is None:
+            raise BackendUnavailable("the data plane is not started")
+        start = time.perf_counter()
+        futures = [executor.submit(preprocess, bytes(data), spec.preprocess, ten_crop=ten_crop, index=i,
+                                   options=self._decode_options)
+                   for i, data in enumerate(images)]
+        waiting = [asyncio.wrap_future(f) for f in futures]
+        try:
+            done, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()
+            raise
+        if pending:
+            for f in futures:
+                f.cancel()
+            for w in pending:
+                w.cancel()
+            raise DeadlineExceeded(f"deadline exceeded while decoding {len(images)} images")
+        self.metrics.observe_preprocess(spec.name, time.perf_counter() - start)
+        # Report the first failing image (by index) so the message is deterministic.
+        for i, w in enumerate(waiting):
+            exc = w.exception()
+            if exc is None:
+                continue
+            if isinstance(exc, ServingError):
+                raise exc
+            log.error("image %d: unexpected preprocessing failure", i, exc_info=exc)
+            raise ServingError(f"image {i}: internal error while preprocessing: {type(exc).__name__}")
+        return np.concatenate([w.result() for w in waiting])

@@ -1,0 +1,61 @@
+"""Options and error reporting shared by the client subcommands (classify, models, bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clients.sdk.errors import ImgserveError
+from clients.sdk.wire import PROTOCOLS, parse_target
+
+DEFAULT_SERVER = "localhost:8500"
+
+# Exit codes of the client commands.
+EXIT_OK = 0
+EXIT_REQUEST_FAILED = 1   # the server (or the network) answered with an error
+EXIT_USAGE = 2            # bad flags or unusable local input; argparse uses 2 as well
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_connection_args(parser: argparse.ArgumentParser, *, timeout_default: float | None = None) -> None:
+    parser.add_argument("--server", "-s", default=DEFAULT_SERVER,
+                        help="gateway address: host:port for gRPC or http://host:port for HTTP "
+                             f"(default {DEFAULT_SERVER})")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="wire protocol; default: http for http:// URLs, grpc otherwise")
+    parser.add_argument("--timeout", type=positive_float, default=timeout_default, metavar="S",
+                        help="per-request timeout in seconds"
+                             + (f" (default {timeout_default})" if timeout_default else " (default: the server's)"))
+
+
+def check_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject contradictory --server/--protocol as a usage error (exit 2) before connecting."""
+    try:
+        parse_target(args.server, args.protocol)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def report_error(command: str, exc: ImgserveError, server: str) -> int:
+    """One line on stderr; the exit code for a failed request."""
+    where = f" ({server})" if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and server not in exc.message else ""
+    print(f"imgserve {command}: {exc.code}{where}: {exc.message}", file=sys.stderr)
+    return EXIT_REQUEST_FAILED

@@ -1,0 +1,175 @@
+"""The asyncio client: ``AsyncImageClient`` over grpc.aio or aiohttp.
+
+Channels and HTTP sessions are created on first use inside the running loop
+(both bind to the loop that creates them); use one client from one event loop.
+Many concurrent calls on one client share its channel / connection pool.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import grpc
+import grpc.aio
+
+from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
+from clients.sdk.client import find_model
+from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http
+from clients.sdk.images import as_image_list, encode_images
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, Endpoint,
+                              check_result_count, classify_request, from_json, grpc_channel_options,
+                              metadata_pairs, parse_target, to_json)
+from clients.types import ClassifyResult, ModelInfo
+
+
+class _AioGrpcTransport:
+    def __init__(self, endpoint: Endpoint, max_message_mb: int, headers: Mapping[str, str],
+                 credentials: grpc.ChannelCredentials | None) -> None:
+        self._endpoint = endpoint
+        self._options = grpc_channel_options(max_message_mb)
+        self._credentials = credentials
+        self._metadata = metadata_pairs(headers)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.ImageServiceStub | None = None
+
+    def _get_stub(self) -> pb_grpc.ImageServiceStub:
+        if self._stub is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self._endpoint.address, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self._endpoint.address, self._credentials,
+                                                        options=self._options)
+            self._stub = pb_grpc.ImageServiceStub(self._channel)
+        return self._stub
+
+    async def _call(self, method_name: str, request: Any, timeout: float | None) -> Any:
+        method = getattr(self._get_stub(), method_name)
+        try:
+            return await method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            trailing = {k: v for k, v in (exc.trailing_metadata() or ())}
+            raise from_grpc(exc.code().name, exc.details(), trailing) from None
+
+    async def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
+        return await self._call("Classify", request, timeout)
+
+    async def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
+        return await self._call("ListModels", pb.ListModelsRequest(), timeout)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+class _AioHttpTransport:
+    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str]) -> None:
+        self._base = endpoint.address
+        self._headers = {"Accept": JSON_CONTENT_TYPE, **headers}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # limit=0: concurrency is bounded by the caller (e.g. the bench's workers), not the pool.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                  headers=self._headers)
+        return self._session
+
+    async def _request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> bytes:
+        headers = {"Content-Type": JSON_CONTENT_TYPE} if body is not None else None
+        try:
+            async with self._get_session().request(
+                    method, self._base + path, data=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    raise from_http(resp.status, payload, resp.headers)
+                return payload
+        except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
+            raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise Unavailable(f"cannot reach {self._base}: {exc.os_error or exc}") from None
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"connection to {self._base} failed: {exc}") from None
+
+    async def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
+        body = await self._request("POST", CLASSIFY_PATH, to_json(request), timeout)
+        return from_json(body, pb.ClassifyResponse)
+
+    async def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
+        return from_json(await self._request("GET", MODELS_PATH, None, timeout), pb.ListModelsResponse)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class AsyncImageClient:
+    """asyncio imgserve client; same arguments, results and errors as ImageClient.
+
+    Use ``async with AsyncImageClient(...) as client`` or ``await client.close()``.
+    """
+
+    def __init__(self, target: str = "localhost:8500", *, protocol: str | None = None,
+                 timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+                 headers: Mapping[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.endpoint = parse_target(target, protocol)
+        self.timeout = timeout
+        headers = dict(headers or {})
+        self._transport: _AioGrpcTransport | _AioHttpTransport
+        if self.endpoint.protocol == "grpc":
+            self._transport = _AioGrpcTransport(self.endpoint, max_message_mb, headers, credentials)
+        else:
+            self._transport = _AioHttpTransport(self.endpoint, headers)
+        self._closed = False
+
+    @property
+    def protocol(self) -> str:
+        return self.endpoint.protocol
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        if self._closed:
+            raise RuntimeError("AsyncImageClient is closed")
+        return self.timeout if timeout is None else timeout
+
+    async def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
+                       timeout: float | None = None) -> ClassifyResult:
+        """Classify one image or many in one request (see ImageClient.classify)."""
+        timeout = self._timeout(timeout)
+        items = as_image_list(images)
+        if all(isinstance(i, (bytes, bytearray, memoryview)) for i in items):
+            encoded = encode_images(items)
+        else:  # file reads and PNG encoding would block the event loop
+            encoded = await asyncio.to_thread(encode_images, items)
+        request = classify_request(model, encoded, top_k, ten_crop)
+        response = await self._transport.classify(request, timeout)
+        check_result_count(response, len(encoded))
+        return ClassifyResult.from_proto(response)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the gateway serves."""
+        response = await self._transport.list_models(self._timeout(timeout))
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """One model's info; NotFound when the gateway does not serve it."""
+        return find_model(await self.models(timeout=timeout), name)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._transport.close()
+
+    async def __aenter__(self) -> AsyncImageClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncImageClient({self.endpoint.address!r}, protocol={self.endpoint.protocol!r})"

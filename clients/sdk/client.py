@@ -1,0 +1,176 @@
+"""The blocking client: ``ImageClient`` over gRPC (grpcio) or HTTP/JSON (urllib).
+
+One ImageClient may be shared by threads: the gRPC channel is thread-safe and
+every HTTP call opens its own connection.
+"""
+from __future__ import annotations
+
+import http.client
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
+from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http
+from clients.sdk.images import encode_images
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, Endpoint,
+                              classify_request, check_result_count, from_json, grpc_channel_options,
+                              metadata_pairs, parse_target, to_json)
+from clients.types import ClassifyResult, ModelInfo
+
+
+class _GrpcTransport:
+    def __init__(self, endpoint: Endpoint, max_message_mb: int, headers: Mapping[str, str],
+                 credentials: grpc.ChannelCredentials | None) -> None:
+        options = grpc_channel_options(max_message_mb)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(endpoint.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(endpoint.address, credentials, options=options)
+        self._stub = pb_grpc.ImageServiceStub(self._channel)
+        self._metadata = metadata_pairs(headers)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            call: Any = exc  # client-side RpcErrors are also grpc.Call
+            raise from_grpc(call.code().name, call.details(), dict(call.trailing_metadata() or ())) from None
+
+    def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
+        return self._call(self._stub.Classify, request, timeout)
+
+    def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
+        return self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _HttpTransport:
+    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str]) -> None:
+        self._base = endpoint.address
+        self._headers = {"Accept": JSON_CONTENT_TYPE, **headers}
+        # Like aiohttp (the async client), ignore *_proxy variables: gateways are usually on the LAN.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> bytes:
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = JSON_CONTENT_TYPE
+        req = urllib.request.Request(self._base + path, data=body, method=method, headers=headers)
+        try:
+            with self._opener.open(req, timeout=timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = exc.read()
+            finally:
+                exc.close()
+            raise from_http(exc.code, payload, exc.headers) from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+            raise Unavailable(f"cannot reach {self._base}: {exc.reason}") from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise Unavailable(f"connection to {self._base} failed: {exc}") from None
+
+    def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
+        body = self._request("POST", CLASSIFY_PATH, to_json(request), timeout)
+        return from_json(body, pb.ClassifyResponse)
+
+    def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
+        return from_json(self._request("GET", MODELS_PATH, None, timeout), pb.ListModelsResponse)
+
+    def close(self) -> None:
+        self._opener.close()
+
+
+class ImageClient:
+    """Blocking imgserve client.
+
+    ``ImageClient("localhost:8500")`` talks gRPC; ``ImageClient("http://localhost:8080")``
+    (or ``protocol="http"``) talks the HTTP/JSON mirror. Results and errors are the
+    same either way. ``timeout`` (seconds) is the default per call; None waits for
+    the server's own deadline. ``headers`` go out as HTTP headers / gRPC metadata.
+    """
+
+    def __init__(self, target: str = "localhost:8500", *, protocol: str | None = None,
+                 timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+                 headers: Mapping[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.endpoint = parse_target(target, protocol)
+        self.timeout = timeout
+        headers = dict(headers or {})
+        self._transport: _GrpcTransport | _HttpTransport
+        if self.endpoint.protocol == "grpc":
+            self._transport = _GrpcTransport(self.endpoint, max_message_mb, headers, credentials)
+        else:
+            self._transport = _HttpTransport(self.endpoint, headers)
+        self._closed = False
+
+    @property
+    def protocol(self) -> str:
+        return self.endpoint.protocol
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        if self._closed:
+            raise RuntimeError("ImageClient is closed")
+        return self.timeout if timeout is None else timeout
+
+    def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
+                 timeout: float | None = None) -> ClassifyResult:
+        """Classify one image or many (paths, bytes, PIL images, uint8 arrays) in one request.
+
+        ``top_k=None`` uses the server default; ``ten_crop=None`` the model default.
+        Raises an ImgserveError subclass on failure.
+        """
+        timeout = self._timeout(timeout)
+        encoded = encode_images(images)
+        request = classify_request(model, encoded, top_k, ten_crop)
+        response = self._transport.classify(request, timeout)
+        check_result_count(response, len(encoded))
+        return ClassifyResult.from_proto(response)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the gateway serves."""
+        response = self._transport.list_models(self._timeout(timeout))
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """One model's info; NotFound when the gateway does not serve it."""
+        return find_model(self.models(timeout=timeout), name)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
+
+    def __enter__(self) -> ImageClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageClient({self.endpoint.address!r}, protocol={self.endpoint.protocol!r})"
+
+
+def find_model(models: list[ModelInfo], name: str) -> ModelInfo:
+    for info in models:
+        if info.name == name:
+            return info
+    available = ", ".join(sorted(m.name for m in models)) or "none"
+    raise NotFound(f"model {name!r} is not served here (available: {available})")
+
+
+__all__ = ["ImageClient", "find_model"]

@@ -1,0 +1,111 @@
+"""What both transports share: target parsing, request building, and the HTTP/JSON mapping.
+
+The HTTP mirror carries the proto3 JSON mapping of the same imgserve.v1
+messages, so both transports build and decode the same protobuf objects and
+convert them to dataclasses in one place (clients.types).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.sdk.errors import InternalError, InvalidArgument
+
+Protocol = Literal["grpc", "http"]
+PROTOCOLS: tuple[str, ...] = ("grpc", "http")
+DEFAULT_GRPC_PORT = 8500
+DEFAULT_MAX_MESSAGE_MB = 64  # the gateway's default send/receive limit
+CLASSIFY_PATH = "/v1/classify"
+MODELS_PATH = "/v1/models"
+JSON_CONTENT_TYPE = "application/json"
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach a gateway: ``address`` is host:port (gRPC) or a base URL (HTTP)."""
+
+    protocol: Protocol
+    address: str
+
+    def __str__(self) -> str:
+        return self.address if self.protocol == "http" else f"{self.address} (grpc)"
+
+
+def parse_target(target: str, protocol: str | None = None) -> Endpoint:
+    """Resolve ``target`` and an optional ``protocol`` into an Endpoint.
+
+    "host:port" means gRPC unless protocol="http"; "http(s)://host:port" means HTTP;
+    a "grpc://" prefix is accepted and dropped. A bare host gets gRPC port 8500.
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError("server target must be a non-empty string such as 'localhost:8500'")
+    target = target.strip()
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    lowered = target.lower()
+    if lowered.startswith(("http://", "https://")):
+        if protocol == "grpc":
+            raise ValueError(f"target {target!r} is an HTTP URL but protocol='grpc'; pass host:port for gRPC")
+        return Endpoint("http", target.rstrip("/"))
+    if lowered.startswith("grpc://"):
+        if protocol == "http":
+            raise ValueError(f"target {target!r} is a grpc:// address but protocol='http'")
+        target, protocol = target[len("grpc://"):], "grpc"
+    if protocol == "http":
+        return Endpoint("http", "http://" + target.rstrip("/"))
+    if ":" not in target:
+        target = f"{target}:{DEFAULT_GRPC_PORT}"
+    return Endpoint("grpc", target)
+
+
+def grpc_channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    limit = int(max_message_mb) * 1024 * 1024
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def classify_request(model: str, images: Sequence[bytes], top_k: int | None,
+                     ten_crop: bool | None) -> pb.ClassifyRequest:
+    """The request message; range checks (top_k <= 0, too many images) are the server's to make."""
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model must be a non-empty string")
+    req = pb.ClassifyRequest(model=model, images=images)
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not -(2**31) <= top_k < 2**31:
+            raise InvalidArgument(f"top_k must be a 32-bit integer, got {top_k!r}")
+        req.top_k = top_k
+    if ten_crop is not None:
+        req.ten_crop = bool(ten_crop)
+    return req
+
+
+def to_json(message: Message) -> bytes:
+    """Compact proto3 JSON (bytes fields base64) for an HTTP body."""
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
+
+
+def from_json(body: bytes, message_type: type[M]) -> M:
+    """Decode a proto3 JSON answer; unknown fields from a newer server are ignored."""
+    try:
+        return json_format.Parse(body.decode("utf-8"), message_type(), ignore_unknown_fields=True)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        snippet = body[:120].decode("utf-8", "replace")
+        raise InternalError(f"server sent an unreadable {message_type.DESCRIPTOR.name}: {exc}; body starts {snippet!r}") from exc
+
+
+def check_result_count(response: pb.ClassifyResponse, n_images: int) -> None:
+    """Results are matched to inputs by position, so a count mismatch must not pass silently."""
+    if len(response.results) != n_images:
+        raise InternalError(f"server returned {len(response.results)} results for {n_images} images")
+
+
+def metadata_pairs(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata from user headers (gRPC requires lower-case keys)."""
+    return tuple((str(k).lower(), str(v)) for k, v in headers.items())

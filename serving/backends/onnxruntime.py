@@ -1,0 +1,152 @@
+"""The embedded backend: one ONNX Runtime session per model of a local repository.
+
+It is the default because it needs nothing but the repository on disk. Sessions
+run in a dedicated thread pool (ORT releases the GIL), so the event loop never
+blocks on inference; the batcher in front decides how much runs at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.backends.base import Backend
+from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
+from serving.repository import LocalModel, ModelSpec, RepositoryError, scan_repository
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    spec: ModelSpec
+    session: ort.InferenceSession
+    path: Path
+
+
+class OnnxRuntimeBackend(Backend):
+    """Serves every model of ``settings.model_repository`` with onnxruntime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, settings: Settings, *, repository: Path | None = None) -> None:
+        self.settings = settings
+        self.repository = Path(repository if repository is not None else settings.model_repository)
+        self._models: dict[str, _Loaded] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._ready = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load every model (in a thread: parsing and optimising graphs takes a while)."""
+        if self._ready:
+            return
+        loaded = await asyncio.to_thread(self._load_all)
+        workers = max(1, sum(m.spec.instance_count for m in loaded.values()))
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+        self._models = loaded
+        self._ready = True
+        log.info("onnxruntime backend: loaded %s from %s", ", ".join(sorted(loaded)) or "no models",
+                 self.repository)
+
+    async def close(self) -> None:
+        self._ready = False
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        self._models = {}
+
+    def _load_all(self) -> dict[str, _Loaded]:
+        try:
+            found = scan_repository(self.repository)
+        except RepositoryError as exc:
+            raise BackendUnavailable(f"cannot read model repository: {exc}") from exc
+        return {name: self._load(local) for name, local in found.items()}
+
+    def _session_options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.settings.backend_threads or self.settings.cores
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return opts
+
+    def _providers(self, spec: ModelSpec) -> list[str]:
+        if spec.gpu:
+            if CUDA in ort.get_available_providers():
+                return [CUDA, CPU]
+            log.warning("model %s asks for a GPU but onnxruntime has no CUDA provider here; using CPU", spec.name)
+        return [CPU]
+
+    def _load(self, local: LocalModel) -> _Loaded:
+        spec = local.spec
+        try:
+            session = ort.InferenceSession(str(local.onnx_path), sess_options=self._session_options(),
+                                           providers=self._providers(spec))
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise BackendUnavailable(f"model {spec.name!r}: cannot load {local.onnx_path}: {exc}") from exc
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        if spec.input_name not in inputs or spec.output_name not in outputs:
+            raise BackendUnavailable(
+                f"model {spec.name!r}: graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+                f"config.pbtxt names {spec.input_name!r} -> {spec.output_name!r}")
+        if inputs[spec.input_name].type != "tensor(uint8)":
+            raise BackendUnavailable(f"model {spec.name!r}: input {spec.input_name!r} is "
+                                     f"{inputs[spec.input_name].type}, expected tensor(uint8)")
+        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path)
+        # Warm up like Triton's model_warmup: the first run allocates and is slow.
+        probs = self._run(loaded, np.zeros((1, *spec.input_shape), dtype=np.uint8))
+        if probs.shape != (1, spec.num_classes):
+            raise BackendUnavailable(f"model {spec.name!r}: output shape {probs.shape} for one image, "
+                                     f"expected (1, {spec.num_classes})")
+        return loaded
+
+    # ------------------------------------------------------------ serving
+
+    async def models(self) -> dict[str, ModelSpec]:
+        return {name: m.spec for name, m in self._models.items()}
+
+    async def ready(self) -> bool:
+        return self._ready
+
+    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        loaded = self._models.get(model)
+        if loaded is None:
+            if not self._ready:
+                raise BackendUnavailable("onnxruntime backend is not started")
+            raise ModelNotFound(f"model {model!r} is not served; available: {', '.join(sorted(self._models))}")
+        spec = loaded.spec
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
+            raise InvalidInput(f"model {model!r} takes uint8 input, got {getattr(batch, 'dtype', type(batch))}")
+        if batch.ndim != 4 or batch.shape[0] < 1 or batch.shape[1:] != spec.input_shape:
+            raise InvalidInput(f"model {model!r} takes a batch of shape [N, {', '.join(map(str, spec.input_shape))}]"
+                               f", got {list(batch.shape)}")
+        executor = self._executor
+        if executor is None:
+            raise BackendUnavailable("onnxruntime backend is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self._run, loaded, np.ascontiguousarray(batch))
+
+    @staticmethod
+    def _run(loaded: _Loaded, batch: np.ndarray) -> np.ndarray:
+        spec = loaded.spec
+        try:
+            (probs,) = loaded.session.run([spec.output_name], {spec.input_name: batch})
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on model {spec.name!r}: {exc}") from exc
+        probs = np.asarray(probs)
+        if probs.shape != (batch.shape[0], spec.num_classes):
+            raise BackendError(f"model {spec.name!r} returned shape {probs.shape} for a batch of {batch.shape[0]}, "
+                               f"expected ({batch.shape[0]}, {spec.num_classes})")
+        return probs.astype(np.float32, copy=False)

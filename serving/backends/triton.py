@@ -1,0 +1,314 @@
+"""The Triton backend: runs preprocessed uint8 batches on one or more Triton servers over gRPC.
+
+Why this shape:
+* Tensors cross the wire as uint8 NHWC crops (normalisation lives inside the
+  ONNX graph), 4x smaller than float32.
+* gRPC message limits are raised on the channel to ``settings.max_message_bytes``
+  in both directions, the same limit the gateway's own servers use.
+* Model specs come from Triton itself (repository index + model metadata +
+  model config, whose ``imgserve.*`` parameters carry the preprocessing facts),
+  through ``serving.repository.spec_from_config`` - the same code path as the
+  embedded backend. Triton does not serve label files, so labels are read from
+  ``<settings.model_repository>/<model>/<label_filename>`` when that local copy
+  exists; otherwise classes are named by their index ("0", "1", ...).
+* Several URLs (``settings.triton_urls``) are used round-robin. A background
+  task checks every server each ``settings.triton_health_interval_s``; a call that
+  fails with UNAVAILABLE marks its server unhealthy and is retried once on the
+  next healthy server. Batches larger than a model's ``max_batch_size`` are split
+  into chunks that are sent concurrently (and so spread across servers).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException
+
+from serving.backends.base import Backend
+from serving.errors import (
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ServingError,
+)
+from serving.repository import LABELS_FILE, ModelSpec, RepositoryError, read_labels, spec_from_config
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# gRPC reconnect backoff is capped so a Triton that comes back is seen within about a health interval.
+_MAX_RECONNECT_BACKOFF_MS = 2000
+
+
+def channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options for Triton connections: raised message limits, keepalive, short reconnect backoff."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 2),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
+def _status_name(exc: InferenceServerException) -> str:
+    """'UNAVAILABLE' from tritonclient's 'StatusCode.UNAVAILABLE' (or '' when it has none)."""
+    status = exc.status() or ""
+    return status.rsplit(".", 1)[-1]
+
+
+def map_error(exc: InferenceServerException, *, model: str, url: str) -> ServingError:
+    """Translate a tritonclient error into the data plane's typed errors."""
+    status = _status_name(exc)
+    message = exc.message() or str(exc)
+    lowered = message.lower()
+    if status == "UNAVAILABLE":
+        return BackendUnavailable(f"Triton at {url} is unavailable: {message}")
+    if "unknown model" in lowered or status == "NOT_FOUND":
+        return ModelNotFound(f"model {model!r} is not served by Triton at {url}")
+    if status == "DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"Triton at {url} did not answer in time for model {model!r}")
+    if status == "RESOURCE_EXHAUSTED":
+        if "larger than max" in lowered or ("message" in lowered and "size" in lowered):
+            return BackendError(f"message to/from Triton exceeds max_message_mb: {message}")
+        return Overloaded(f"Triton at {url} is overloaded: {message}")
+    if status == "INVALID_ARGUMENT":
+        return InvalidInput(f"Triton rejected the input for model {model!r}: {message}")
+    if status == "CANCELLED":
+        return BackendUnavailable(f"call to Triton at {url} was cancelled: {message}")
+    return BackendError(f"Triton at {url} failed for model {model!r}: {message}")
+
+
+@dataclass
+class _Server:
+    """One Triton endpoint, its client and what the last health check saw."""
+
+    url: str
+    client: triton_aio.InferenceServerClient
+    healthy: bool = False
+    models: dict[str, int] = field(default_factory=dict)   # READY model name -> served version
+    last_error: str = ""
+
+
+class TritonBackend(Backend):
+    """Backend over ``tritonclient.grpc.aio`` with round-robin, health checks and one retry."""
+
+    name = "triton"
+
+    def __init__(self, settings: Settings) -> None:
+        urls = settings.triton_urls
+        if not urls:
+            raise ValueError("the triton backend needs settings.triton_url (host:port[,host:port...])")
+        self.settings = settings
+        self._urls = urls
+        self._servers: list[_Server] = []
+        self._specs: dict[str, ModelSpec] = {}
+        self._rr = 0
+        self._health_task: asyncio.Task[None] | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._call_timeout_s = max(1.0, settings.request_timeout_s)
+        self._probe_timeout_s = min(5.0, max(0.5, settings.triton_health_interval_s))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        args = channel_args(self.settings.max_message_bytes)
+        self._servers = [_Server(url, triton_aio.InferenceServerClient(url, channel_args=args)) for url in self._urls]
+        await self.check_health()
+        if not any(s.healthy for s in self._servers):
+            details = "; ".join(f"{s.url}: {s.last_error or 'not ready'}" for s in self._servers)
+            await self.close()
+            raise BackendUnavailable(f"no Triton server is ready ({details})")
+        self._health_task = asyncio.create_task(self._health_loop(), name="triton-health")
+
+    async def close(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        servers, self._servers = self._servers, []
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.client.close()
+
+    # ------------------------------------------------------------ health and model specs
+
+    async def _health_loop(self) -> None:
+        interval = max(0.05, self.settings.triton_health_interval_s)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_health()
+            except Exception:  # never let the loop die; the next round tries again
+                log.exception("Triton health check failed unexpectedly")
+
+    async def check_health(self) -> None:
+        """Probe every server concurrently, then load specs for models not seen before."""
+        await asyncio.gather(*(self._probe(s) for s in self._servers))
+        await self._refresh_specs()
+
+    async def _probe(self, server: _Server) -> None:
+        was = server.healthy
+        try:
+            ready = await server.client.is_server_ready(client_timeout=self._probe_timeout_s)
+            models: dict[str, int] = {}
+            if ready:
+                index = await server.client.get_model_repository_index(client_timeout=self._probe_timeout_s)
+                for entry in index.models:
+                    if entry.state == "READY" and entry.version.isdigit():
+                        models[entry.name] = max(models.get(entry.name, 0), int(entry.version))
+            server.models = models
+            server.healthy = bool(ready)
+            server.last_error = "" if ready else "server not ready"
+        except InferenceServerException as exc:
+            server.healthy = False
+            server.last_error = exc.message() or str(exc)
+        if was != server.healthy:
+            level = logging.INFO if server.healthy else logging.WARNING
+            log.log(level, "Triton %s is now %s%s", server.url, "healthy" if server.healthy else "UNHEALTHY",
+                    f" ({server.last_error})" if server.last_error else "")
+
+    async def _refresh_specs(self) -> None:
+        """Fetch metadata + config for (model, version) pairs whose spec is missing or stale."""
+        async with self._refresh_lock:
+            for server in self._servers:
+                if not server.healthy:
+                    continue
+                for name, version in server.models.items():
+                    known = self._specs.get(name)
+                    if known is not None and known.version >= version:
+                        continue
+                    try:
+                        self._specs[name] = await self._fetch_spec(server, name)
+                    except (RepositoryError, InferenceServerException, ValueError) as exc:
+                        log.warning("Triton %s: model %r is not servable by imgserve: %s", server.url, name, exc)
+
+    async def _fetch_spec(self, server: _Server, name: str) -> ModelSpec:
+        client = server.client
+        meta = await client.get_model_metadata(name, client_timeout=self._probe_timeout_s)
+        cfg_response = await client.get_model_config(name, as_json=False, client_timeout=self._probe_timeout_s)
+        cfg: mc.ModelConfig = cfg_response.config
+        if not cfg.name:
+            cfg.name = name
+        versions = [int(v) for v in meta.versions if v.isdigit()]
+        version = max(versions) if versions else server.models.get(name, 1)
+        if len(meta.inputs) != 1 or meta.inputs[0].datatype != "UINT8":
+            raise RepositoryError(f"expected one UINT8 input, Triton reports "
+                                  f"{[(i.name, i.datatype) for i in meta.inputs]}")
+        return spec_from_config(cfg, self._local_labels(cfg), version)
+
+    def _local_labels(self, cfg: mc.ModelConfig) -> list[str]:
+        """Labels from the local repository copy, when the gateway has one (Triton does not serve them)."""
+        repo = Path(self.settings.model_repository)
+        label_file = (cfg.output[0].label_filename if len(cfg.output) == 1 and cfg.output[0].label_filename
+                      else LABELS_FILE)
+        labels = read_labels(repo / cfg.name / label_file)
+        num_classes = int(cfg.output[0].dims[-1]) if len(cfg.output) == 1 and cfg.output[0].dims else 0
+        if labels and num_classes and len(labels) != num_classes:
+            log.warning("labels in %s do not match Triton's %d classes of %r; using class indices",
+                        repo / cfg.name / label_file, num_classes, cfg.name)
+            return []
+        return labels
+
+    # ------------------------------------------------------------ Backend API
+
+    async def models(self) -> dict[str, ModelSpec]:
+        served = {name for s in self._servers for name in s.models}
+        return {name: spec for name, spec in self._specs.items() if name in served}
+
+    async def ready(self) -> bool:
+        return any(s.healthy and any(n in self._specs for n in s.models) for s in self._servers)
+
+    async def model_ready(self, model: str) -> bool:
+        return model in self._specs and any(s.healthy and model in s.models for s in self._servers)
+
+    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        spec = self._specs.get(model)
+        if spec is None or not any(model in s.models for s in self._servers):
+            raise ModelNotFound(f"model {model!r} is not served by Triton")
+        self._check_batch(spec, batch)
+        batch = np.ascontiguousarray(batch)
+        step = max(1, spec.max_batch_size)
+        if len(batch) <= step:
+            return await self._infer_with_retry(spec, batch)
+        parts = await asyncio.gather(*(self._infer_with_retry(spec, batch[i:i + step])
+                                       for i in range(0, len(batch), step)))
+        return np.concatenate(parts, axis=0)
+
+    @staticmethod
+    def _check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
+            raise InvalidInput(f"model {spec.name!r} takes uint8 crops, got "
+                               f"{getattr(batch, 'dtype', type(batch).__name__)}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.input_shape or len(batch) == 0:
+            raise InvalidInput(f"model {spec.name!r} takes [N>0, {', '.join(map(str, spec.input_shape))}] "
+                               f"uint8 batches, got shape {list(batch.shape)}")
+
+    def _pick(self, model: str, exclude: set[str]) -> _Server | None:
+        """The next healthy server (round-robin) that serves the model, skipping ``exclude``."""
+        count = len(self._servers)
+        for _ in range(count):
+            server = self._servers[self._rr % count]
+            self._rr = (self._rr + 1) % count
+            if server.healthy and model in server.models and server.url not in exclude:
+                return server
+        return None
+
+    async def _infer_with_retry(self, spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
+        tried: set[str] = set()
+        last: ServingError | None = None
+        for _attempt in range(2):
+            server = self._pick(spec.name, tried)
+            if server is None:
+                break
+            tried.add(server.url)
+            try:
+                return await self._infer_once(server, spec, batch)
+            except BackendUnavailable as exc:
+                server.healthy = False
+                server.last_error = exc.message
+                log.warning("Triton %s failed a call (%s); marked unhealthy", server.url, exc.message)
+                last = exc
+        if last is not None:
+            raise last
+        raise BackendUnavailable(f"no healthy Triton server serves model {spec.name!r} "
+                                 f"({', '.join(s.url + ': ' + (s.last_error or 'not ready') for s in self._servers)})")
+
+    async def _infer_once(self, server: _Server, spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
+        tensor = InferInput(spec.input_name, list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        try:
+            result = await server.client.infer(
+                spec.name, [tensor], outputs=[InferRequestedOutput(spec.output_name)],
+                client_timeout=self._call_timeout_s)
+        except InferenceServerException as exc:
+            raise map_error(exc, model=spec.name, url=server.url) from None
+        except grpc.RpcError as exc:  # not wrapped by tritonclient (e.g. channel closed)
+            raise BackendUnavailable(f"Triton at {server.url}: {exc}") from None
+        probs = result.as_numpy(spec.output_name)
+        if probs is None or probs.shape != (len(batch), spec.num_classes):
+            shape = None if probs is None else list(probs.shape)
+            raise BackendError(f"Triton returned {spec.output_name} of shape {shape} for model {spec.name!r}, "
+                               f"expected {[len(batch), spec.num_classes]}")
+        return probs.astype(np.float32, copy=False)
+
+
+def create_backend(settings: Settings) -> TritonBackend:
+    """Factory used by the gateway (imported lazily, so the embedded backend never needs tritonclient)."""
+    return TritonBackend(settings)

@@ -1,0 +1,98 @@
+"""Session fixtures shared by the whole suite: a real model repository and the MNIST held-out digits.
+
+Everything torch-related is imported inside the fixtures, so test modules that
+do not ask for these fixtures never pay for importing (or training) anything.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MNIST_LABELS = tuple(str(i) for i in range(10))
+RGBNET_LABELS = tuple(f"class{i}" for i in range(10))
+
+
+@dataclass(frozen=True)
+class LenetRun:
+    """The LeNet-5 trained once per session (model in eval mode, on the CPU)."""
+
+    model: Any  # torch.nn.Module; typed loosely so this file imports without torch
+    result: Any  # export.lenet.LenetResult
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class OfflinePredictions:
+    """What the exported lenet5 ONNX file says about the held-out digits, run by onnxruntime directly.
+
+    probabilities: float32 [N, 10]; classes: int64 [N] (argmax); accuracy against the true labels.
+    """
+
+    probabilities: np.ndarray
+    classes: np.ndarray
+    accuracy: float
+
+
+@pytest.fixture(scope="session")
+def mnist_heldout() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [1000, 28, 28], labels int64 [1000]): the fixed, stratified held-out MNIST split."""
+    from export.data.mnist import mnist_split
+
+    test = mnist_split().test
+    return test.images, test.labels
+
+
+@pytest.fixture(scope="session")
+def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> LenetRun:
+    """Train LeNet-5 once for the session (seed 0); metrics land in the run directory."""
+    from export.lenet import train_lenet
+
+    out_dir = tmp_path_factory.mktemp("lenet5_run")
+    model, result = train_lenet(out_dir, seed=0, progress=False)
+    return LenetRun(model=model, result=result, out_dir=out_dir)
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory, lenet_run: LenetRun) -> Path:
+    """A repository with ``lenet5`` (trained, 28x28x1) and ``rgbnet`` (resnet18, random seeded, resize 72 crop 64)."""
+    import torch
+
+    from export.models import create_model, get_entry
+    from export.onnx_export import export_to_repository
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    export_to_repository(lenet_run.model, get_entry("lenet5"), repo, "lenet5", MNIST_LABELS,
+                         description="LeNet-5 trained on the bundled MNIST sample")
+    torch.manual_seed(0)
+    rgbnet = create_model("resnet18", num_classes=len(RGBNET_LABELS))
+    export_to_repository(rgbnet, get_entry("resnet18"), repo, "rgbnet", RGBNET_LABELS, resize=72, crop=64,
+                         description="resnet18 with random weights (seed 0), a cheap 3-channel test model")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def lenet_offline_predictions(model_repo: Path, mnist_heldout: tuple[np.ndarray, np.ndarray]) -> OfflinePredictions:
+    """The exported lenet5 run by onnxruntime on the held-out digits: the reference for end-to-end tests."""
+    from serving.repository import read_model
+
+    import onnxruntime as ort
+
+    local = read_model(model_repo / "lenet5")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(local.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    images, labels = mnist_heldout
+    batch = images[..., np.newaxis]  # NHWC with one channel
+    probs = np.concatenate([session.run([local.spec.output_name], {local.spec.input_name: batch[i:i + 250]})[0]
+                            for i in range(0, len(batch), 250)])
+    classes = probs.argmax(axis=1).astype(np.int64)
+    return OfflinePredictions(probabilities=probs, classes=classes, accuracy=float((classes == labels).mean()))

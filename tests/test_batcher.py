@@ -1,0 +1,334 @@
+"""The dynamic batcher in isolation, driven by a fake async infer function.
+
+Each item is a small int array ``[request_id, item_index]`` so the fake backend
+can record exactly which items it saw, and its answer (a function of the item)
+lets us check that every result went back to the right place.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher
+from serving.errors import BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded
+from serving.metrics import Metrics
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def items_for(request_id: int, n: int) -> np.ndarray:
+    return np.array([[request_id, i] for i in range(n)], dtype=np.int64)
+
+
+def expected(items: np.ndarray) -> np.ndarray:
+    """What FakeBackend answers: [id*1000 + index, -id] per item."""
+    return np.stack([items[:, 0] * 1000 + items[:, 1], -items[:, 0]], axis=1).astype(np.float64)
+
+
+class FakeBackend:
+    """An async infer function that records calls and can be held or made to fail."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[np.ndarray] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.poison: int | None = None  # request id whose presence makes the call fail
+
+    def hold(self) -> None:
+        self.gate = asyncio.Event()
+
+    def release(self) -> None:
+        assert self.gate is not None
+        self.gate.set()
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.copy())
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.poison is not None and (batch[:, 0] == self.poison).any():
+            raise RuntimeError("poisoned batch")
+        return expected(batch)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.calls]
+
+    def seen_requests(self) -> set[int]:
+        return {int(r) for c in self.calls for r in c[:, 0]}
+
+
+async def make(fake: FakeBackend, *, max_batch_size: int = 8, delay_s: float = 0.005, queue: int = 1000,
+               metrics: Metrics | None = None, **kw) -> Batcher:
+    b = Batcher("m", fake.infer, max_batch_size=max_batch_size, max_queue_delay_s=delay_s,
+                max_queue_size=queue, metrics=metrics, backend_name="fake", **kw)
+    await b.start()
+    return b
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+async def test_concurrent_submitters_share_batches_never_above_max() -> None:
+    fake = FakeBackend(delay_s=0.01)
+    b = await make(fake, max_batch_size=8)
+    reqs = [items_for(r, 1 + r % 3) for r in range(60)]
+    results = await asyncio.gather(*(b.submit(x) for x in reqs))
+    await b.stop()
+    for x, got in zip(reqs, results):
+        np.testing.assert_array_equal(got, expected(x))
+    assert max(fake.sizes) <= 8
+    assert max(fake.sizes) > 1, fake.sizes
+    assert sum(fake.sizes) == sum(len(x) for x in reqs)
+    assert len(fake.calls) < len(reqs)
+
+
+async def test_one_request_is_split_across_calls_in_order() -> None:
+    fake = FakeBackend()
+    b = await make(fake, max_batch_size=4)
+    x = items_for(7, 10)
+    got = await b.submit(x)
+    await b.stop()
+    assert fake.sizes == [4, 4, 2]
+    np.testing.assert_array_equal(got, expected(x))
+    np.testing.assert_array_equal(np.concatenate(fake.calls), x)
+
+
+async def test_list_of_items_is_accepted() -> None:
+    fake = FakeBackend()
+    b = await make(fake)
+    x = items_for(3, 5)
+    got = await b.submit([row for row in x])
+    await b.stop()
+    np.testing.assert_array_equal(got, expected(x))
+
+
+async def test_full_batch_goes_at_once_partial_batch_waits_for_the_delay() -> None:
+    fake = FakeBackend()
+    b = await make(fake, max_batch_size=4, delay_s=0.3)
+    t = time.monotonic()
+    await b.submit(items_for(1, 4))
+    full = time.monotonic() - t
+    t = time.monotonic()
+    await b.submit(items_for(2, 1))
+    partial = time.monotonic() - t
+    await b.stop()
+    assert full < 0.25, full
+    assert partial >= 0.29, partial
+
+
+async def test_bounded_queue_rejects_at_once_with_retry_hint() -> None:
+    fake = FakeBackend()
+    fake.hold()
+    b = await make(fake, max_batch_size=2, queue=6, delay_s=0.0)
+    first = asyncio.create_task(b.submit(items_for(1, 2)))
+    await fake.entered.wait()                      # items of request 1 are in the backend now
+    waiting = [asyncio.create_task(b.submit(items_for(r, 3))) for r in (2, 3)]
+    await wait_until(lambda: b.depth == 6)
+    t = time.monotonic()
+    with pytest.raises(Overloaded) as err:
+        await b.submit(items_for(4, 1))
+    assert time.monotonic() - t < 0.05
+    assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
+    assert "queue is full" in err.value.message
+    fake.release()
+    await asyncio.gather(first, *waiting)
+    await b.stop()
+    assert 4 not in fake.seen_requests()
+
+
+async def test_request_larger_than_queue_is_invalid_not_overloaded() -> None:
+    b = await make(FakeBackend(), queue=4)
+    with pytest.raises(InvalidInput, match="at most 4"):
+        await b.submit(items_for(1, 5))
+    await b.stop()
+
+
+async def test_expired_items_are_dropped_before_compute() -> None:
+    fake = FakeBackend()
+    fake.hold()
+    b = await make(fake, max_batch_size=2, delay_s=0.0)
+    first = asyncio.create_task(b.submit(items_for(1, 2)))
+    await fake.entered.wait()
+    late = asyncio.create_task(b.submit(items_for(2, 3), deadline=time.monotonic() + 0.05))
+    ok = asyncio.create_task(b.submit(items_for(3, 1), deadline=time.monotonic() + 30))
+    await asyncio.sleep(0.15)                      # request 2's deadline passes while it is queued
+    fake.release()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    np.testing.assert_array_equal(await ok, expected(items_for(3, 1)))
+    await first
+    await b.stop()
+    assert 2 not in fake.seen_requests()
+    assert fake.seen_requests() == {1, 3}
+
+
+async def test_deadline_already_passed_is_not_queued() -> None:
+    fake = FakeBackend()
+    b = await make(fake)
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(items_for(1, 2), deadline=time.monotonic() - 0.001)
+    await b.stop()
+    assert fake.calls == []
+
+
+async def test_deadline_while_computing_answers_in_time() -> None:
+    fake = FakeBackend()
+    fake.hold()
+    b = await make(fake, delay_s=0.0)
+    t = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(items_for(1, 1), deadline=time.monotonic() + 0.1)
+    assert time.monotonic() - t < 1.0
+    fake.release()
+    await b.stop()
+
+
+async def test_exactly_once_and_in_order_under_many_submitters() -> None:
+    rng = random.Random(0)
+    fake = FakeBackend(delay_s=0.002)
+    b = await make(fake, max_batch_size=16, delay_s=0.002)
+
+    async def client(rid: int) -> tuple[np.ndarray, np.ndarray]:
+        await asyncio.sleep(rng.random() * 0.05)
+        x = items_for(rid, rng.randint(1, 7))
+        return x, await b.submit(x)
+
+    pairs = await asyncio.gather(*(client(r) for r in range(300)))
+    await b.stop()
+    for x, got in pairs:
+        np.testing.assert_array_equal(got, expected(x))
+    seen = np.concatenate(fake.calls)
+    keys = [tuple(row) for row in seen.tolist()]
+    assert len(keys) == len(set(keys)) == sum(len(x) for x, _ in pairs)   # each item computed exactly once
+    assert b.stats.items == len(keys)
+    assert max(fake.sizes) <= 16
+
+
+async def test_backend_exception_fails_only_that_call() -> None:
+    fake = FakeBackend()
+    fake.hold()
+    fake.poison = 2
+    b = await make(fake, max_batch_size=4, delay_s=0.01)
+    a = asyncio.create_task(b.submit(items_for(1, 4)))       # a full batch: runs at once, held
+    await fake.entered.wait()
+    poisoned = asyncio.create_task(b.submit(items_for(2, 1)))
+    neighbour = asyncio.create_task(b.submit(items_for(3, 2)))  # same call as the poison
+    await wait_until(lambda: b.depth == 3)
+    fake.release()
+    np.testing.assert_array_equal(await a, expected(items_for(1, 4)))
+    for task in (poisoned, neighbour):
+        with pytest.raises(BackendError, match="poisoned batch"):
+            await task
+    assert fake.sizes == [4, 3]
+    after = await b.submit(items_for(4, 2))                   # the batcher keeps serving
+    np.testing.assert_array_equal(after, expected(items_for(4, 2)))
+    await b.stop()
+
+
+async def test_serving_errors_from_backend_pass_through() -> None:
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        raise ModelNotFound("gone")
+
+    b = Batcher("m", infer, max_batch_size=4, max_queue_delay_s=0, max_queue_size=10)
+    await b.start()
+    with pytest.raises(ModelNotFound, match="gone"):
+        await b.submit(items_for(1, 2))
+    await b.stop()
+
+
+async def test_wrong_number_of_results_is_a_backend_error() -> None:
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        return np.zeros((len(batch) + 1, 2))
+
+    b = Batcher("m", infer, max_batch_size=4, max_queue_delay_s=0, max_queue_size=10)
+    await b.start()
+    with pytest.raises(BackendError, match="for a batch of 2"):
+        await b.submit(items_for(1, 2))
+    await b.stop()
+
+
+async def test_cancelled_submitter_items_never_run() -> None:
+    fake = FakeBackend()
+    fake.hold()
+    b = await make(fake, max_batch_size=2, delay_s=0.0)
+    first = asyncio.create_task(b.submit(items_for(1, 2)))
+    await fake.entered.wait()
+    gone = asyncio.create_task(b.submit(items_for(2, 3)))
+    stays = asyncio.create_task(b.submit(items_for(3, 1)))
+    await wait_until(lambda: b.depth == 4)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert b.depth == 1
+    fake.release()
+    await first
+    np.testing.assert_array_equal(await stays, expected(items_for(3, 1)))
+    await b.stop()
+    assert 2 not in fake.seen_requests()
+
+
+async def test_stop_drains_queued_work_then_refuses() -> None:
+    fake = FakeBackend(delay_s=0.02)
+    b = await make(fake, max_batch_size=4, delay_s=10.0)   # a long delay: only the drain flushes them
+    reqs = [items_for(r, 3) for r in range(5)]
+    tasks = [asyncio.create_task(b.submit(x)) for x in reqs]
+    await wait_until(lambda: b.depth + b.stats.items == 15)
+    await b.stop()
+    for x, t in zip(reqs, tasks):
+        np.testing.assert_array_equal(t.result(), expected(x))
+    with pytest.raises(BackendUnavailable):
+        await b.submit(items_for(9, 1))
+
+
+async def test_stop_timeout_fails_what_cannot_finish() -> None:
+    fake = FakeBackend()
+    fake.hold()                                              # never released: a stuck backend
+    b = await make(fake, max_batch_size=1, delay_s=0.0)
+    tasks = [asyncio.create_task(b.submit(items_for(r, 1))) for r in range(3)]
+    await fake.entered.wait()
+    t = time.monotonic()
+    await b.stop(timeout=0.2)
+    assert time.monotonic() - t < 2.0
+    for task in tasks:
+        with pytest.raises(BackendUnavailable):
+            await task
+
+
+async def test_item_shape_is_checked_before_queueing() -> None:
+    fake = FakeBackend()
+    b = await make(fake, item_shape=(2,), item_dtype=np.int64)
+    with pytest.raises(InvalidInput, match="shape"):
+        await b.submit(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(InvalidInput, match="dtype"):
+        await b.submit(np.zeros((2, 2), dtype=np.float32))
+    await b.stop()
+    assert fake.calls == []
+
+
+async def test_metrics_are_recorded() -> None:
+    metrics = Metrics()
+    fake = FakeBackend(delay_s=0.005)
+    b = await make(fake, max_batch_size=8, metrics=metrics)
+    await asyncio.gather(*(b.submit(items_for(r, 2)) for r in range(20)))
+    await b.stop()
+    labels = {"model": "m"}
+    assert metrics.sample("imgserve_batch_size_count", labels) == len(fake.calls)
+    assert metrics.sample("imgserve_batch_size_sum", labels) == 40
+    assert metrics.sample("imgserve_queue_wait_seconds_count", labels) == 40
+    assert metrics.sample("imgserve_backend_duration_seconds_count", {"model": "m", "backend": "fake"}) == len(fake.calls)
+    assert metrics.sample("imgserve_queue_depth", labels) == 0
+    # batch sizes above 1 land above the first bucket
+    assert metrics.sample("imgserve_batch_size_bucket", {"model": "m", "le": "1.0"}) < len(fake.calls)

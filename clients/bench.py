@@ -30,6 +30,7 @@ import numpy as np
 
 from clients.sdk.aio import AsyncImageClient
 from clients.sdk.errors import ImgserveError
+from clients.sdk.wire import parse_target
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
@@ -84,7 +85,7 @@ class LatencySummary:
 class BenchConfig:
     server: str
     model: str
-    protocol: str = "grpc"
+    protocol: str | None = None         # None: from the server address (http:// URL -> "http", else "grpc")
     concurrency: tuple[int, ...] = (1, 4, 16, 32)
     duration_s: float = 10.0
     warmup_s: float = 2.0
@@ -95,6 +96,7 @@ class BenchConfig:
     label: str = ""                     # free-form tag, e.g. the backend under test
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", parse_target(self.server, self.protocol).protocol)
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.duration_s <= 0 or self.warmup_s < 0:
@@ -116,6 +118,7 @@ class StepResult:
     images_per_s: float
     latency: LatencySummary | None
     client_cpu_s: float = 0.0     # CPU the load generator itself used during the step (it may share the host)
+    warmup_requests: int = 0      # requests started during the warm-up (not counted above)
 
     @property
     def error_count(self) -> int:
@@ -290,6 +293,7 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
         concurrency=concurrency, requests=len(rec.latencies), images=rec.images, errors=dict(rec.errors),
         elapsed_s=elapsed, requests_per_s=len(rec.latencies) / elapsed, images_per_s=rec.images / elapsed,
         latency=LatencySummary.from_seconds(rec.latencies), client_cpu_s=time.process_time() - cpu_start,
+        warmup_requests=rec.warmup_requests,
     )
 
 

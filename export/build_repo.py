@@ -1,4 +1,4 @@
-"""``imgserve build-repo``: train and export the default model repository.
+"""imgserve build-repo: train and export the default model repository.
 
     imgserve build-repo --model-repository model_repository [--if-missing] [--gpu] [--only lenet5]
 

@@ -144,3 +144,65 @@ register_model("resnet18", resize=256, crop=224, torchvision_name="resnet18")(_t
 register_model("resnet34", resize=256, crop=224, torchvision_name="resnet34")(_torchvision("resnet34"))
 register_model("resnet50", resize=256, crop=224, torchvision_name="resnet50")(_torchvision("resnet50"))
 register_model("densenet121", resize=256, crop=224, torchvision_name="densenet121")(_torchvision("densenet121"))
+
+
+# ------------------------------------------------------------------ CIFAR-style nets (He et al. 2016, sec. 4.2)
+
+class _CifarBlock(nn.Module):
+    """Two 3x3 conv + BN layers; with ``residual`` the input is added back (option A: a parameter-free
+    shortcut, strided and zero-padded in channels when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, residual: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.residual, self.stride, self.extra = residual, stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        if self.residual:
+            shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            if self.extra:
+                shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+            y = y + shortcut
+        return torch.relu(y)
+
+
+class CifarNet(nn.Module):
+    """The 6n+2-layer CIFAR network of "Deep Residual Learning": a 3x3 conv, three stages of n blocks
+    at widths w, 2w, 4w (stride 2 between stages), global average pooling and a linear classifier.
+    ``residual=False`` gives the "plain" counterpart with the same layers and no shortcuts."""
+
+    def __init__(self, depth: int, num_classes: int = 10, *, width: int = 16, residual: bool = True) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, ... 56), got {depth}")
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(n):
+                layers.append(_CifarBlock(cin, cout, 2 if stage > 0 and block == 0 else 1, residual))
+                cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        self.depth, self.residual = depth, residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _cifar(depth: int, residual: bool) -> Builder:
+    def build(num_classes: int) -> nn.Module:
+        return CifarNet(depth, num_classes, residual=residual)
+    build.__name__ = f"cifar_{'resnet' if residual else 'plain'}{depth}"
+    return build
+
+
+# Small 3-channel nets that train in CPU minutes on 32x32 crops (the residual-vs-plain experiment uses them).
+for _depth in (20, 56):
+    register_model(f"cifar_resnet{_depth}", resize=36, crop=32)(_cifar(_depth, True))
+    register_model(f"cifar_plain{_depth}", resize=36, crop=32)(_cifar(_depth, False))

@@ -297,6 +297,8 @@ class CropEval:
     ten_crop_nll: float | None
     samples: int
     seconds: float
+    center_per_class: list[float] = field(default_factory=list)
+    ten_crop_per_class: list[float] | None = None
 
 
 @torch.no_grad()
@@ -308,10 +310,12 @@ def evaluate_crops(model: nn.Module, val_dir: Path, *, resize: int, crop: int, e
     model.eval()
     pad = _pad_step(entry, crop)
 
-    def run(transform: Any, per_image: int) -> tuple[float, float, int]:
+    def run(transform: Any, per_image: int) -> tuple[float, float, int, list[float]]:
         ds = image_folder(val_dir, transform, entry.channels)
         loader = make_loader(ds, batch_size=max(1, batch_size // per_image), shuffle=False, workers=workers)
         correct, nll, n = 0, 0.0, 0
+        class_hits = torch.zeros(len(ds.classes))
+        class_count = torch.zeros(len(ds.classes))
         bar = tqdm(loader, desc=f"eval {per_image}-crop", leave=False, disable=not progress, unit="batch")
         for images, targets in bar:
             b = images.shape[0]
@@ -322,16 +326,20 @@ def evaluate_crops(model: nn.Module, val_dir: Path, *, resize: int, crop: int, e
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             probs = torch.softmax(model(x).float(), dim=1).reshape(b, per_image, -1).mean(dim=1).cpu()
-            correct += int((probs.argmax(dim=1) == targets).sum())
+            hits = probs.argmax(dim=1) == targets
+            correct += int(hits.sum())
+            class_hits.index_add_(0, targets, hits.float())
+            class_count.index_add_(0, targets, torch.ones(b))
             nll += float(-torch.log(probs[torch.arange(b), targets].clamp_min(1e-12)).sum())
             n += b
-        return correct / n, nll / n, n
+        per_class = (class_hits / class_count.clamp_min(1)).tolist()
+        return correct / n, nll / n, n, per_class
 
-    acc, nll, n = run(eval_transform(resize, crop, entry.mean, entry.std), 1)
-    acc10 = nll10 = None
+    acc, nll, n, per_class = run(eval_transform(resize, crop, entry.mean, entry.std), 1)
+    acc10 = nll10 = per_class10 = None
     if ten_crop:
-        acc10, nll10, _ = run(ten_crop_transform(resize, crop, entry.mean, entry.std), 10)
-    return CropEval(acc, nll, acc10, nll10, n, time.perf_counter() - start)
+        acc10, nll10, _, per_class10 = run(ten_crop_transform(resize, crop, entry.mean, entry.std), 10)
+    return CropEval(acc, nll, acc10, nll10, n, time.perf_counter() - start, per_class, per_class10)
 
 
 class _PadTensor:

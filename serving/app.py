@@ -120,6 +120,9 @@ class Gateway:
         server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
+            # never share a port with another process: a second gateway on the same
+            # port would silently get half the connections
+            ("grpc.so_reuseport", 0),
         ])
         grpc_v1.add_to_server(grpc_v1.ImageService(self.dataplane, self.metrics), server)
         grpc_v2.add_to_server(grpc_v2.InferenceService(self.dataplane, self.metrics, self.settings,

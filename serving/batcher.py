@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,7 +73,6 @@ class BatcherStats:
     items: int = 0
     max_batch_seen: int = 0
     dropped_expired: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class Batcher:
@@ -324,7 +323,6 @@ class Batcher:
         self.stats.batches += 1
         self.stats.items += size
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, size)
-        self.stats.batch_sizes.append(size)
         if self.metrics is not None:
             self.metrics.observe_batch_size(self.model, size)
         start = time.perf_counter()

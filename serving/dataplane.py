@@ -72,6 +72,9 @@ class DataPlane:
         self._retired: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
+        self._in_flight = 0                    # requests past validation, not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
         # stop() may take this long to drain queued crops before failing them
         self._drain_timeout_s = float(getattr(settings, "shutdown_grace_s", DEFAULT_DRAIN_TIMEOUT_S))
         configure_pillow(settings.max_image_pixels)
@@ -92,11 +95,23 @@ class DataPlane:
         self.metrics.set_backend_up(self.backend.name, await self.backend.ready())
 
     async def stop(self) -> None:
-        """Drain: queued crops are still computed and answered, then the backend closes."""
+        """Graceful stop: refuse new requests, let accepted ones finish, then close the backend.
+
+        Accepted requests (even those still decoding) get their answers; after
+        ``shutdown_grace_s`` whatever is left is failed with BackendUnavailable.
+        """
         self._stopping = True
+        end = time.monotonic() + self._drain_timeout_s
+        if self._in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._drain_timeout_s)
+            except TimeoutError:
+                log.warning("stop: %d requests still running after %.1fs; failing them",
+                            self._in_flight, self._drain_timeout_s)
         batchers = [b for _, b in self._batchers.values()]
         self._batchers = {}
-        await asyncio.gather(*(b.stop(timeout=self._drain_timeout_s) for b in batchers), *self._retired)
+        remaining = max(0.0, end - time.monotonic())
+        await asyncio.gather(*(b.stop(timeout=remaining) for b in batchers), *self._retired)
         await self.backend.close()
         self.metrics.set_backend_up(self.backend.name, False)
         executor, self._executor = self._executor, None
@@ -131,8 +146,10 @@ class DataPlane:
     async def _batcher(self, spec: ModelSpec) -> Batcher:
         """The model's batcher; a new model version with a different spec gets a fresh one."""
         current = self._batchers.get(spec.name)
-        if current is not None and current[0] == spec:
+        if current is not None and (current[0] is spec or current[0] == spec):
             return current[1]
+        if self._stopping:
+            raise BackendUnavailable("the server is shutting down")
         batcher = Batcher(
             spec.name, functools.partial(self.backend.infer, spec.name),
             max_batch_size=self.settings.max_batch_size or spec.max_batch_size,
@@ -208,9 +225,16 @@ class DataPlane:
         self._check_running()
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
-        crops = await self._preprocess(spec, images, ten_crop, deadline)
-        batcher = await self._batcher(spec)
-        probs = await batcher.submit(crops, deadline=deadline)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            crops = await self._preprocess(spec, images, ten_crop, deadline)
+            batcher = await self._batcher(spec)
+            probs = await batcher.submit(crops, deadline=deadline)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
         per_image = crops_per_image(ten_crop)
         probs = probs.reshape(len(images), per_image, spec.num_classes)
         averaged = probs.mean(axis=1, dtype=np.float32) if per_image > 1 else probs[:, 0]

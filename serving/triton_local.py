@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Callable, Sequence
 
 BACKEND_SOURCE = Path(__file__).with_name("triton_onnx_backend") / "model.py"
 SHM_DIR = Path("/dev/shm")
@@ -62,11 +63,11 @@ class TritonDistribution:
     @classmethod
     def find(cls) -> "TritonDistribution":
         """Locate the installed nvidia-pytriton wheel; explain what is missing when it is not usable."""
-        try:
-            import pytriton  # noqa: PLC0415 - optional dependency ('triton' extra)
-        except ImportError as exc:
-            raise TritonLocalError("triton-local needs nvidia-pytriton: pip install 'imgserve[triton]'") from exc
-        root = Path(pytriton.__file__).resolve().parent
+        # Located, not imported: only the wheel's files are needed, none of pytriton's Python code.
+        found = importlib.util.find_spec("pytriton")
+        if found is None or found.origin is None:
+            raise TritonLocalError("triton-local needs nvidia-pytriton: pip install 'imgserve[triton]'")
+        root = Path(found.origin).resolve().parent
         server_dir = root / "tritonserver"
         libs_dir = root.parent / "nvidia_pytriton.libs"
         if not libs_dir.is_dir():  # source installs keep them inside the package
@@ -150,10 +151,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM tritonserver when the process that started it dies (no orphans)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGTERM tritonserver when its parent dies (no orphans).
+
+    prctl is resolved here, in the parent: the child between fork and exec must not
+    dlopen anything (another thread may have held the loader lock at fork time).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return preexec
 
 
 class TritonLocal:
@@ -198,6 +209,7 @@ class TritonLocal:
         self.shm_prefix = f"imgserve_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._temp_work_dir = False
         self._abort = False
+        self._last_log = ""   # kept after a temporary work dir (and the log in it) is removed
 
     # ------------------------------------------------------------ addresses
 
@@ -256,32 +268,35 @@ class TritonLocal:
             self._temp_work_dir = True
         else:
             self.work_dir = self._work_dir_arg.resolve()
-        prepare_work_dir(self.work_dir, dist)
+        began = time.monotonic()
+        try:
+            prepare_work_dir(self.work_dir, dist)
+            self._launch(dist)
+            self.wait_ready(self.startup_timeout_s)
+        except BaseException:
+            self.stop()   # also removes a temporary work dir and any shm region
+            raise
+        self.startup_s = time.monotonic() - began
+        return self
+
+    def _launch(self, dist: TritonDistribution) -> None:
+        assert self.work_dir is not None
         bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         self.grpc_port = self.grpc_port or free_port(bind)
         self.http_port = self.http_port or free_port(bind)
         self.metrics_port = self.metrics_port or free_port(bind)
-
         self.log_path = self.work_dir / f"tritonserver-{self.http_port}.log"
-        out = None if self.log_to_console else open(self.log_path, "wb")  # noqa: SIM115 - child owns it
-        began = time.monotonic()
+        out = None if self.log_to_console else open(self.log_path, "wb")  # noqa: SIM115 - the child owns it
         try:
             self.proc = subprocess.Popen(
                 self.command(), env=server_environment(dist), cwd=self.work_dir,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,  # own process group: stubs stop with it, terminal ^C does not hit it
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
             )
         finally:
             if out is not None:
                 out.close()
-        try:
-            self.wait_ready(self.startup_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - began
-        return self
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll /v2/health/ready until it answers 200; raise with Triton's log if it exits or times out."""
@@ -368,7 +383,7 @@ class TritonLocal:
     def log_text(self) -> str:
         if self.log_path is not None and self.log_path.is_file():
             return self.log_path.read_text(errors="replace")
-        return getattr(self, "_last_log", "")
+        return self._last_log
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_text()

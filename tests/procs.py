@@ -103,11 +103,13 @@ def wait_serving(gw: GatewayProcess, timeout_s: float = START_TIMEOUT_S) -> None
     raise TimeoutError(f"gateway not SERVING after {timeout_s:.0f} s; stderr:\n{gw.stderr()[-4000:]}")
 
 
-@contextmanager
-def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | None = None,
-                extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                start_timeout_s: float = START_TIMEOUT_S) -> Iterator[GatewayProcess]:
-    """Start a real ``imgserve serve`` on free ports; yield it once SERVING; SIGTERM it afterwards."""
+class PortCollision(RuntimeError):
+    """The ports free_port() picked were taken before the gateway bound them."""
+
+
+def _start(repo: Path, backend: str, triton_url: str | None, extra_args: Sequence[str],
+           env: dict[str, str] | None, start_timeout_s: float,
+           out: IO[bytes], err: IO[bytes]) -> GatewayProcess:
     grpc_port, http_port = free_port(), free_port()
     while http_port == grpc_port:
         http_port = free_port()
@@ -117,13 +119,44 @@ def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | N
         args += ["--triton-url", triton_url]
     args += list(extra_args)
     proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    out.seek(0), out.truncate()
+    err.seek(0), err.truncate()
+    proc = subprocess.Popen(args, stdout=out, stderr=err, env=proc_env, cwd=ROOT)
+    gw = GatewayProcess(grpc_target=f"127.0.0.1:{grpc_port}", http_url=f"http://127.0.0.1:{http_port}",
+                        proc=proc, stdout_file=out, stderr_file=err)
+    try:
+        wait_serving(gw, start_timeout_s)
+    except RuntimeError:
+        if gw.proc.poll() is not None and "cannot listen" in gw.stderr():
+            raise PortCollision(gw.stderr()[-2000:]) from None
+        raise
+    except BaseException:
+        if gw.alive():
+            gw.proc.kill()
+            gw.proc.wait()
+        raise
+    return gw
+
+
+@contextmanager
+def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | None = None,
+                extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                start_timeout_s: float = START_TIMEOUT_S) -> Iterator[GatewayProcess]:
+    """Start a real ``imgserve serve`` on free ports; yield it once SERVING; SIGTERM it afterwards.
+
+    If another process grabs a picked port before the gateway binds it, the start is
+    retried on fresh ports (the gateway refuses shared ports, so this is detectable).
+    """
     with tempfile.NamedTemporaryFile(prefix="imgserve-out-", suffix=".log") as out, \
             tempfile.NamedTemporaryFile(prefix="imgserve-err-", suffix=".log") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=proc_env, cwd=ROOT)
-        gw = GatewayProcess(grpc_target=f"127.0.0.1:{grpc_port}", http_url=f"http://127.0.0.1:{http_port}",
-                            proc=proc, stdout_file=out, stderr_file=err)
+        for attempt in range(3):
+            try:
+                gw = _start(repo, backend, triton_url, extra_args, env, start_timeout_s, out, err)
+                break
+            except PortCollision:
+                if attempt == 2:
+                    raise
         try:
-            wait_serving(gw, start_timeout_s)
             yield gw
         finally:
             if gw.alive():

@@ -140,7 +140,7 @@ async def test_bounded_queue_rejects_at_once_with_retry_hint() -> None:
     t = time.monotonic()
     with pytest.raises(Overloaded) as err:
         await b.submit(items_for(4, 1))
-    assert time.monotonic() - t < 0.05
+    assert time.monotonic() - t < 0.5       # refused at once (the held backend would block forever)
     assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
     assert "queue is full" in err.value.message
     fake.release()
@@ -199,7 +199,7 @@ async def test_deadline_while_computing_answers_in_time() -> None:
 async def test_exactly_once_and_in_order_under_many_submitters() -> None:
     rng = random.Random(0)
     fake = FakeBackend(delay_s=0.002)
-    b = await make(fake, max_batch_size=16, delay_s=0.002)
+    b = await make(fake, max_batch_size=16, delay_s=0.002, queue=10_000)   # room for every item: no 429s here
 
     async def client(rid: int) -> tuple[np.ndarray, np.ndarray]:
         await asyncio.sleep(rng.random() * 0.05)

@@ -1,7 +1,6 @@
 """``imgserve classify`` and ``imgserve models`` as real subprocesses against a real gateway."""
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess

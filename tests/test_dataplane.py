@@ -19,7 +19,6 @@ from serving.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, M
 from serving.metrics import Metrics
 from serving.settings import Settings
 
-pytestmark = pytest.mark.timeout(300)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -128,7 +127,10 @@ async def test_ten_crop_defaults_and_shapes(model_repo: Path, tmp_path: Path) ->
         assert result.probabilities.shape == (2, 10) and result.probabilities.dtype == np.float32
         np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
         np.testing.assert_array_equal(result.probabilities[0], result.probabilities[1])
-    assert not np.allclose(default.probabilities, ten.probabilities, atol=1e-6)
+    # different crops, different answer (compared in log space: the random-weight rgbnet is very confident)
+    tiny = np.finfo(np.float32).tiny
+    shift = np.abs(np.log(np.maximum(default.probabilities, tiny)) - np.log(np.maximum(ten.probabilities, tiny)))
+    assert shift.max() > 0.1
 
 
 async def test_concurrent_requests_share_backend_calls(model_repo: Path, tmp_path: Path) -> None:
@@ -172,7 +174,7 @@ async def test_deadlines(model_repo: Path, tmp_path: Path) -> None:
         t = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             await plane.classify("rgbnet", [data] * 16, ten_crop=True, deadline=time.monotonic() + 0.002)
-        assert time.monotonic() - t < 0.5
+        assert time.monotonic() - t < 1.0
         ok = await plane.classify("rgbnet", [data], deadline=time.monotonic() + 30)
         assert len(ok.results) == 1
 
@@ -195,3 +197,86 @@ async def test_stop_drains_then_refuses(model_repo: Path, tmp_path: Path) -> Non
     assert not await plane.ready()
     with pytest.raises(BackendUnavailable):
         await plane.probabilities("rgbnet", [data])
+
+
+async def test_stop_waits_for_requests_still_decoding(model_repo: Path, tmp_path: Path) -> None:
+    data = photo_jpeg()
+    settings = Settings(model_repository=only(model_repo, tmp_path, "rgbnet"), backend_threads=1,
+                        preprocess_threads=1)
+    plane = DataPlane(settings, OnnxRuntimeBackend(settings), Metrics())
+    await plane.start()
+    tasks = [asyncio.create_task(plane.probabilities("rgbnet", [data] * 4, ten_crop=True)) for _ in range(3)]
+    await asyncio.sleep(0)                                   # accepted, decoding in the pool
+    assert plane.metrics.sample("imgserve_preprocess_duration_seconds_count", {"model": "rgbnet"}) is None
+    await plane.stop()
+    assert all(t.result().probabilities.shape == (4, 10) for t in tasks)
+
+
+def test_request_metrics_contract() -> None:
+    """metrics.request(): in-flight while inside; latency and errors by code on exit."""
+    from serving.errors import Overloaded
+
+    m = Metrics()
+    with m.request("grpc.Classify", "lenet5"):
+        assert m.sample("imgserve_requests_in_flight", {"endpoint": "grpc.Classify"}) == 1
+    assert m.sample("imgserve_requests_in_flight", {"endpoint": "grpc.Classify"}) == 0
+    with m.request("http.classify", "") as req:
+        req.model, req.code = "rgbnet", "NOT_FOUND"
+    with pytest.raises(Overloaded):
+        with m.request("http.classify", "rgbnet"):
+            raise Overloaded("full")
+    with pytest.raises(ZeroDivisionError):
+        with m.request("grpc.Classify", "lenet5"):
+            1 / 0
+    ok = {"model": "lenet5", "endpoint": "grpc.Classify", "code": "OK"}
+    assert m.sample("imgserve_request_duration_seconds_count", ok) == 1
+    assert m.sample("imgserve_request_errors_total", ok) is None
+    for endpoint, model, code in [("http.classify", "rgbnet", "NOT_FOUND"),
+                                  ("http.classify", "rgbnet", "RESOURCE_EXHAUSTED"),
+                                  ("grpc.Classify", "lenet5", "INTERNAL")]:
+        labels = {"model": model, "endpoint": endpoint, "code": code}
+        assert m.sample("imgserve_request_errors_total", labels) == 1
+        assert m.sample("imgserve_request_duration_seconds_count", labels) == 1
+    body, content_type = m.exposition()
+    assert content_type.startswith("text/plain")
+    assert b"imgserve_request_errors_total{" in body and b"_created" not in body
+    assert Metrics().registry is not m.registry                 # private registries never collide
+
+
+async def test_onnxruntime_backend_checks_its_input(model_repo: Path, tmp_path: Path) -> None:
+    settings = Settings(model_repository=only(model_repo, tmp_path, "lenet5"), backend_threads=1)
+    backend = OnnxRuntimeBackend(settings)
+    assert not await backend.ready()
+    await backend.start()
+    try:
+        assert await backend.ready() and list(await backend.models()) == ["lenet5"]
+        probs = await backend.infer("lenet5", np.zeros((3, 28, 28, 1), np.uint8))
+        assert probs.shape == (3, 10) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        with pytest.raises(ModelNotFound):
+            await backend.infer("rgbnet", np.zeros((1, 64, 64, 3), np.uint8))
+        with pytest.raises(InvalidInput, match="uint8"):
+            await backend.infer("lenet5", np.zeros((1, 28, 28, 1), np.float32))
+        with pytest.raises(InvalidInput, match=r"\[N, 28, 28, 1\]"):
+            await backend.infer("lenet5", np.zeros((1, 28, 28, 3), np.uint8))
+    finally:
+        await backend.close()
+    assert not await backend.ready()
+
+
+async def test_onnxruntime_backend_refuses_a_broken_repository(tmp_path: Path) -> None:
+    missing = OnnxRuntimeBackend(Settings(model_repository=tmp_path / "nowhere"))
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        await missing.start()
+    broken = tmp_path / "broken" / "m"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (broken / "config.pbtxt").write_text(
+        'name: "m"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+        'input { name: "image" data_type: TYPE_UINT8 dims: [8, 8, 1] }\n'
+        'output { name: "probabilities" data_type: TYPE_FP32 dims: [2] }\n'
+        'parameters { key: "imgserve.resize" value { string_value: "8" } }\n'
+        'parameters { key: "imgserve.crop" value { string_value: "8" } }\n'
+        'parameters { key: "imgserve.channels" value { string_value: "1" } }\n')
+    with pytest.raises(BackendUnavailable, match="model 'm': cannot load"):
+        await OnnxRuntimeBackend(Settings(model_repository=broken.parent)).start()

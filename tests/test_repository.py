@@ -182,3 +182,72 @@ def test_preprocess_validates_sizes() -> None:
     with pytest.raises(RepositoryError):
         Preprocess(resize=10, crop=0)
     assert Preprocess(resize=20, crop=20, channels=1).channels == 1
+
+
+# ------------------------------------------------------------------ imgserve build-repo
+
+def test_build_repo_if_missing_leaves_a_filled_repository_alone(tmp_path: Path, onnx_file: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    from export.build_repo import main, repository_has_models
+
+    repo = tmp_path / "repo"
+    assert not repository_has_models(repo)
+    write_model(repo, _spec(), onnx_file)
+    assert repository_has_models(repo)
+    assert main(["--model-repository", str(repo), "--if-missing", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert list_versions(repo / "digits") == [1] and not (tmp_path / "runs").exists()
+
+
+def test_publish_adds_new_versions_next_to_served_ones(tmp_path: Path, onnx_file: Path) -> None:
+    pytest.importorskip("torch")
+    from export.build_repo import publish
+
+    repo, staging = tmp_path / "repo", tmp_path / "staging"
+    write_model(repo, _spec(), onnx_file)
+    newer = tmp_path / "newer.onnx"
+    newer.write_bytes(b"newer-bytes")
+    write_model(staging, _spec(), newer)
+    write_model(staging, _spec("fresh"), newer)
+    assert publish(staging, repo) == [("digits", 2), ("fresh", 1)]
+    assert (repo / "digits" / "1" / MODEL_FILE).read_bytes() == b"version-one-bytes"
+    assert read_model(repo / "digits").onnx_path.read_bytes() == b"newer-bytes"
+
+
+def test_a_failing_builder_leaves_the_repository_unchanged(tmp_path: Path, onnx_file: Path) -> None:
+    pytest.importorskip("torch")
+    from export.build_repo import BuildContext, BuiltModel, DefaultModel, build_repository
+
+    def good(ctx: BuildContext) -> BuiltModel:
+        write_model(ctx.repo, _spec("good"), onnx_file)
+        return BuiltModel(name="good", summary="ok")
+
+    def bad(ctx: BuildContext) -> BuiltModel:
+        raise RuntimeError("training diverged")
+
+    repo = tmp_path / "repo"
+    with pytest.raises(RuntimeError, match="diverged"):
+        build_repository(repo, [DefaultModel("good", "", good), DefaultModel("bad", "", bad)],
+                         runs_dir=tmp_path / "runs", progress=False)
+    assert not (repo.exists() and any(repo.iterdir()))
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+    built = build_repository(repo, [DefaultModel("good", "", good)], runs_dir=tmp_path / "runs", progress=False)
+    assert [(b.name, v) for b, v in built] == [("good", 1)] and list(scan_repository(repo)) == ["good"]
+
+
+@pytest.mark.slow
+def test_build_repo_command_trains_and_exports_lenet(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    from clients.cli import main as imgserve
+
+    repo, runs = tmp_path / "model_repository", tmp_path / "runs"
+    rc = imgserve(["build-repo", "--model-repository", str(repo), "--runs-dir", str(runs), "--epochs", "2",
+                   "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "lenet5 v1: test accuracy" in out and str(runs / "lenet5") in out
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.8  # two epochs are plenty to leave chance (0.1) far behind
+    local = scan_repository(repo)["lenet5"]
+    assert local.spec.input_shape == (28, 28, 1) and local.spec.labels == tuple(str(i) for i in range(10))
+    assert (runs / "lenet5" / "metrics.png").is_file() and (runs / "lenet5" / "metrics.json").is_file()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +60,23 @@ def call(protocol_target: str, is_async: bool, method: str, *args: object, **kwa
 
 
 # ------------------------------------------------------------------ no server needed
+
+# (grpcio itself imports grpc_health / grpc_reflection when they happen to be installed, so they are not listed.)
+NON_CORE = ("torch", "torchvision", "serving", "export", "onnxruntime", "onnx", "tritonclient", "prometheus_client",
+            "matplotlib")
+
+
+def test_clients_use_only_core_dependencies() -> None:
+    """Importing every client module pulls in nothing from the server, torch or the optional extras."""
+    code = ("import sys, clients.sdk, clients.sdk.aio, clients.bench, clients.commands.classify, "
+            "clients.commands.models, clients.commands.bench\n"
+            f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({NON_CORE!r}))\n"
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 
 @pytest.mark.parametrize("raw, protocol, expected", [
     ("localhost:8500", None, Endpoint("grpc", "localhost:8500")),

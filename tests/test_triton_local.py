@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -18,12 +19,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import text_format
 
 from serving.repository import parse_config
 from serving.triton_local import SHM_DIR, TritonLocal, TritonLocalError, free_port
 from serving.triton_local import main as triton_local_main
 
-pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.triton   # the suite-wide timeout (900 s) also covers building model_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSERVE = ROOT / ".venv" / "bin" / "imgserve"
@@ -172,16 +174,25 @@ def test_reused_work_dir_is_prepared_once(model_repo: Path, tmp_path: Path) -> N
     assert work.is_dir(), "a caller's work dir is kept"
 
 
-def test_broken_model_fails_with_tritons_log(model_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("breakage,expected", [
+    ("garbage_onnx", "cannot load"),
+    ("wrong_input_name", "are not in model.onnx"),
+])
+def test_broken_model_fails_with_tritons_log(breakage: str, expected: str, model_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    (repo / "lenet5" / "1").mkdir(parents=True)
-    (repo / "lenet5" / "config.pbtxt").write_text((model_repo / "lenet5" / "config.pbtxt").read_text())
-    (repo / "lenet5" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    shutil.copytree(model_repo / "lenet5", repo / "lenet5")
+    if breakage == "garbage_onnx":
+        (repo / "lenet5" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    else:
+        cfg = parse_config((repo / "lenet5" / "config.pbtxt").read_text())
+        cfg.input[0].name = "pixels"
+        del cfg.model_warmup[:]
+        (repo / "lenet5" / "config.pbtxt").write_text(text_format.MessageToString(cfg))
     server = TritonLocal(repo, startup_timeout_s=STARTUP_TIMEOUT_S)
     with pytest.raises(TritonLocalError) as info:
         server.start()
     message = str(info.value)
-    assert "exited" in message and "lenet5" in message, message   # the log tail names the failing model
+    assert "exited with code 1" in message and "lenet5" in message and expected in message, message
     assert not group_alive(server.proc.pid)
     assert shm_regions(server.shm_prefix) == []
 
@@ -232,3 +243,36 @@ def test_cli_runs_until_sigterm(model_repo: Path) -> None:
     assert "triton-local ready" in text
     assert not group_alive(server_pids[0])
 
+
+
+@pytest.mark.slow
+def test_tritonserver_dies_with_its_parent(model_repo: Path) -> None:
+    """If the process that started Triton is SIGKILLed, the kernel SIGTERMs Triton: nothing is orphaned."""
+    script = (
+        "import sys, time\n"
+        "from serving.triton_local import TritonLocal\n"
+        f"t = TritonLocal({str(model_repo)!r}, startup_timeout_s={STARTUP_TIMEOUT_S}).start()\n"
+        "print(t.proc.pid, t.shm_prefix, t.work_dir, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    work_dir = None
+    try:
+        line = parent.stdout.readline().split()
+        assert len(line) == 3, f"parent did not start Triton (exit code {parent.poll()})"
+        pgid, prefix, work_dir = int(line[0]), line[1], Path(line[2])
+        assert group_alive(pgid) and shm_regions(prefix)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 90
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(pgid), "tritonserver outlived its parent"
+        assert shm_regions(prefix) == [], "Triton's graceful exit removes its shm regions"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     check_target(parser, args)
     endpoint = parse_target(args.server, args.protocol)
     config = bench.BenchConfig(
-        server=args.server, model=args.model, protocol=endpoint.protocol, concurrency=args.concurrency,
+        server=args.server, model=args.model, protocol=args.protocol, concurrency=args.concurrency,
         duration_s=args.duration, warmup_s=args.warmup, batch=args.batch, ten_crop=args.ten_crop,
         top_k=args.top_k, timeout_s=args.timeout, label=args.label)
 

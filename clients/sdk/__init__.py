@@ -6,18 +6,31 @@
         print(result.top1[0].label)
 
 The SDK speaks only the wire protocols (imgserve.v1 over gRPC, its proto3-JSON
-mirror over HTTP); it never imports the server or torch.
+mirror over HTTP); it never imports the server or torch. ``AsyncImageClient``
+(and with it aiohttp) is imported on first use, so the blocking client and the
+CLI start quickly.
 """
 from __future__ import annotations
 
-from clients.sdk.aio import AsyncImageClient
+from typing import TYPE_CHECKING, Any
+
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import (DeadlineExceeded, ImgserveError, InternalError, InvalidArgument, NotFound,
                                 ResourceExhausted, Unavailable)
 from clients.sdk.images import ImageInput
 from clients.types import ClassifyResult, ModelInfo, Prediction
 
+if TYPE_CHECKING:
+    from clients.sdk.aio import AsyncImageClient
+
 __all__ = [
     "AsyncImageClient", "ClassifyResult", "DeadlineExceeded", "ImageClient", "ImageInput", "ImgserveError",
     "InternalError", "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "Unavailable",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AsyncImageClient":
+        from clients.sdk.aio import AsyncImageClient
+        return AsyncImageClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

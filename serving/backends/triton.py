@@ -94,6 +94,16 @@ def map_error(exc: InferenceServerException, *, model: str, url: str) -> Serving
     return BackendError(f"Triton at {url} failed for model {model!r}: {message}")
 
 
+@dataclass(frozen=True)
+class ServerStatus:
+    """What the backend currently believes about one Triton endpoint (for logs, tests and debugging)."""
+
+    url: str
+    healthy: bool
+    models: dict[str, int]
+    last_error: str
+
+
 @dataclass
 class _Server:
     """One Triton endpoint, its client and what the last health check saw."""
@@ -179,6 +189,9 @@ class TritonBackend(Backend):
         except InferenceServerException as exc:
             server.healthy = False
             server.last_error = exc.message() or str(exc)
+        except Exception as exc:  # a probe must never take the other servers' probes down with it
+            server.healthy = False
+            server.last_error = f"{type(exc).__name__}: {exc}"
         if was != server.healthy:
             level = logging.INFO if server.healthy else logging.WARNING
             log.log(level, "Triton %s is now %s%s", server.url, "healthy" if server.healthy else "UNHEALTHY",
@@ -206,6 +219,11 @@ class TritonBackend(Backend):
         cfg: mc.ModelConfig = cfg_response.config
         if not cfg.name:
             cfg.name = name
+        # Triton reports its normalised config: an unset preferred_batch_size comes back as
+        # [max_batch_size], which means the same thing; undo it so specs equal those read from disk.
+        preferred = cfg.dynamic_batching.preferred_batch_size
+        if list(preferred) == [cfg.max_batch_size]:
+            del preferred[:]
         versions = [int(v) for v in meta.versions if v.isdigit()]
         version = max(versions) if versions else server.models.get(name, 1)
         if len(meta.inputs) != 1 or meta.inputs[0].datatype != "UINT8":
@@ -237,6 +255,9 @@ class TritonBackend(Backend):
 
     async def model_ready(self, model: str) -> bool:
         return model in self._specs and any(s.healthy and model in s.models for s in self._servers)
+
+    def servers(self) -> list[ServerStatus]:
+        return [ServerStatus(s.url, s.healthy, dict(s.models), s.last_error) for s in self._servers]
 
     async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         spec = self._specs.get(model)

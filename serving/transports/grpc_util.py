@@ -10,8 +10,9 @@ from typing import TypeVar
 
 import grpc
 
-from serving.errors import ServingError
+from serving.errors import ModelNotFound, ServingError
 from serving.metrics import RequestRecord
+from serving.transports.observe import UNKNOWN_MODEL
 
 log = logging.getLogger("imgserve.grpc")
 T = TypeVar("T")
@@ -30,7 +31,8 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
 async def guarded(context: grpc.aio.ServicerContext, record: RequestRecord, work: Awaitable[T]) -> T:
     """Await ``work``; turn its failure into a gRPC status and record the code for metrics.
 
-    ServingError -> its own status and client-safe message (RESOURCE_EXHAUSTED also
+    ServingError -> its own status and client-safe message (an unknown model is
+    recorded under the UNKNOWN_MODEL label) (RESOURCE_EXHAUSTED also
     carries a ``retry-after`` trailer in seconds); anything else -> INTERNAL with a
     generic message while the traceback goes to the log.
     """
@@ -38,6 +40,8 @@ async def guarded(context: grpc.aio.ServicerContext, record: RequestRecord, work
         return await work
     except ServingError as exc:
         record.code = exc.code_name
+        if isinstance(exc, ModelNotFound):
+            record.model = UNKNOWN_MODEL
         if exc.retry_after_s is not None:
             context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),))
         await context.abort(exc.grpc_code, exc.message)

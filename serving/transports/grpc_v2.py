@@ -7,7 +7,8 @@ encoded images in, FP32 ``probabilities`` [N, K] (or classification strings) out
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as v2
@@ -65,9 +66,9 @@ def requested_outputs(request: v2.ModelInferRequest) -> list[oip.RequestedOutput
     return outs
 
 
-def tensor_metadata(entries: object) -> list[v2.ModelMetadataResponse.TensorMetadata]:
+def tensor_metadata(entries: Sequence[Mapping[str, Any]]) -> list[v2.ModelMetadataResponse.TensorMetadata]:
     return [v2.ModelMetadataResponse.TensorMetadata(name=e["name"], datatype=e["datatype"], shape=e["shape"])
-            for e in entries]  # type: ignore[union-attr, index]
+            for e in entries]
 
 
 class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
@@ -147,11 +148,28 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return status
 
     async def _infer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.InferOutcome:
+        await self._model(request.model_name, request.model_version)  # unknown model: NOT_FOUND first
         ten_crop, timeout_us = oip.request_options(decode_parameters(request.parameters))
         return await oip.infer(
             self._dataplane, request.model_name, request.model_version, request_images(request),
             ten_crop=ten_crop, outputs=requested_outputs(request),
             deadline=oip.deadline_from(call_deadline(context), timeout_us))
+
+
+def _unimplemented(name: str) -> Callable[..., Awaitable[None]]:
+    async def handler(self: InferenceService, request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not offered by the imgserve gateway")
+
+    handler.__name__ = name
+    return handler
+
+
+# Everything else in the protocol (streaming, shared memory, statistics, repository
+# load/unload, trace and log settings) answers UNIMPLEMENTED cleanly instead of
+# the generated base class's NotImplementedError traceback.
+for _method in v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in InferenceService.__dict__:
+        setattr(InferenceService, _method.name, _unimplemented(_method.name))
 
 
 def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:

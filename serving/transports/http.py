@@ -31,6 +31,7 @@ from serving.metrics import Metrics
 from serving.settings import Settings
 from serving.transports import oip
 from serving.transports.grpc_v1 import classify_options, classify_response, list_models_response
+from serving.transports.observe import observe
 from serving.transports.openapi import build_openapi
 
 log = logging.getLogger("imgserve.http")
@@ -258,7 +259,7 @@ class HttpApi:
     # ---- imgserve.v1 mirror
 
     async def classify(self, request: web.Request) -> web.Response:
-        with self.metrics.request("http.classify", "") as record:
+        with observe(self.metrics, "http.classify", "") as record:
             require_json(request)
             body = await read_body(request, self.settings.max_message_bytes)
             message = parse_message(body, pb.ClassifyRequest())
@@ -269,7 +270,7 @@ class HttpApi:
             return message_response(classify_response(result))
 
     async def list_models(self, request: web.Request) -> web.Response:
-        with self.metrics.request("http.models", ""):
+        with observe(self.metrics, "http.models", ""):
             return message_response(list_models_response(await self.dataplane.list_models()))
 
     # ---- Open Inference Protocol (v2)
@@ -294,17 +295,17 @@ class HttpApi:
         return json_response({"name": status.spec.name, "ready": status.ready}, 200 if status.ready else 400)
 
     async def v2_model_metadata(self, request: web.Request) -> web.Response:
-        with self.metrics.request("http.v2.metadata", request.match_info["model"]):
+        with observe(self.metrics, "http.v2.metadata", request.match_info["model"]):
             return json_response(oip.model_metadata((await self._model(request)).spec))
 
     async def v2_model_config(self, request: web.Request) -> web.Response:
-        with self.metrics.request("http.v2.config", request.match_info["model"]):
+        with observe(self.metrics, "http.v2.config", request.match_info["model"]):
             spec = (await self._model(request)).spec
             cfg = oip.gateway_model_config(spec, self.settings.max_images_per_request)
             return json_response(json_format.MessageToDict(cfg, preserving_proto_field_name=True))
 
     async def v2_repository_index(self, request: web.Request) -> web.Response:
-        with self.metrics.request("http.v2.index", ""):
+        with observe(self.metrics, "http.v2.index", ""):
             body = await read_body(request, self.settings.max_message_bytes)
             only_ready = bool(parse_json_object(body, "request body").get("ready", False)) if body.strip() else False
             statuses = sorted(await self.dataplane.list_models(), key=lambda s: s.spec.name)
@@ -314,7 +315,8 @@ class HttpApi:
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
-        with self.metrics.request("http.v2.infer", model):
+        with observe(self.metrics, "http.v2.infer", model):
+            await self._model(request)  # unknown model: 404 before looking at the body
             body = await read_body(request, self.settings.max_message_bytes)
             header_len = request.headers.get(HEADER_LENGTH)
             if header_len is None:

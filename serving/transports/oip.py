@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -199,7 +200,7 @@ async def infer(dataplane: DataPlane, model: str, version: str, images: Sequence
 
 # ---------------------------------------------------------------- metadata and config
 
-def model_metadata(spec: ModelSpec) -> dict[str, object]:
+def model_metadata(spec: ModelSpec) -> dict[str, Any]:
     """The v2 model-metadata document (HTTP JSON shape; the gRPC transport converts it)."""
     return {
         "name": spec.name,
@@ -210,7 +211,7 @@ def model_metadata(spec: ModelSpec) -> dict[str, object]:
     }
 
 
-def server_metadata() -> dict[str, object]:
+def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 

@@ -68,7 +68,10 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             device_id = int(args.get("model_instance_device_id", "0") or 0)
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:  # ORT's own exception types; Triton shows the message in its log
+            raise pb_utils.TritonModelException(f"model {self.model_name!r}: cannot load {path}: {exc}") from exc
 
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
         self.input_names = [i["name"] for i in self.config.get("input", [])]

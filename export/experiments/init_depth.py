@@ -1,0 +1,244 @@
+"""He init vs Var[w] = 1/n on a 30-layer plain ReLU network ("Delving Deep into Rectifiers", He et al. 2015).
+
+A ReLU zeroes half of its input, so a layer with Var[w] = 1/n_in halves the
+variance of the signal it passes on; after L layers it is 2^-L of the input's,
+in both directions, and a 30-layer net gets almost no gradient. He init,
+Var[w] = 2/n_in, keeps it constant. This script measures both at init (std of
+every layer's pre-activations on real images) and then trains both with the
+same SGD settings on the shapes data:
+
+    python -m export.experiments.init_depth [--arch mlp|conv] [--depth 30] [--out docs/experiments]
+
+The network is a plain stack (no BatchNorm, no shortcuts), since either would
+hide the effect: ``mlp`` is 29 hidden Linear+ReLU layers and a linear
+classifier over flattened 16x16 images, ``conv`` 29 3x3 conv+ReLU layers,
+global average pooling and a linear classifier.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, pick_device, pyplot, seeded,
+                                       shapes_tensors, write_json)
+from export.models import init_weights
+
+SCHEMES = ("kaiming", "lecun")
+SCHEME_LABEL = {"kaiming": "He: Var[w] = 2/n", "lecun": "Var[w] = 1/n"}
+
+
+class PlainNet(nn.Module):
+    """``depth`` weight layers with ReLU between them; keeps the weight layers for per-layer statistics."""
+
+    def __init__(self, arch: str, depth: int, width: int, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2, got {depth}")
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        if arch == "mlp":
+            dims = [c * h * w] + [width] * (depth - 1)
+            layers = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+            self.head: nn.Module = nn.Flatten()
+        elif arch == "conv":
+            chans = [c] + [width] * (depth - 1)
+            layers = [nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:])]
+            self.head = nn.Identity()
+        else:
+            raise ValueError(f"arch must be mlp or conv, got {arch!r}")
+        self.arch = arch
+        self.hidden = nn.ModuleList(layers)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, record: list[float] | None = None) -> torch.Tensor:
+        x = self.head(x)
+        for layer in self.hidden:
+            x = layer(x)
+            if record is not None:
+                record.append(float(x.std()))
+            x = torch.relu(x)
+        if self.arch == "conv":
+            x = x.mean(dim=(2, 3))
+        x = self.classifier(x)
+        if record is not None:
+            record.append(float(x.std()))
+        return x
+
+
+@dataclass(frozen=True)
+class SchemeRun:
+    """One init scheme: per-layer pre-activation std at init, and how training went."""
+
+    scheme: str
+    layer_std: list[float]       # std of each weight layer's output at init (last = logits)
+    epoch_loss: list[float]      # mean training loss per epoch
+    iter_loss: list[float]       # training loss of every step
+    val_acc: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class InitResult:
+    arch: str
+    depth: int
+    width: int
+    res: int
+    epochs: int
+    lr: float
+    chance_loss: float
+    runs: dict[str, SchemeRun]
+
+    @property
+    def he_learns(self) -> bool:
+        """He init got the training loss clearly below chance (10% lower)."""
+        return self.runs["kaiming"].epoch_loss[-1] < 0.9 * self.chance_loss
+
+    @property
+    def small_init_stalls(self) -> bool:
+        """Var = 1/n stayed at chance (within 2%): it did not learn."""
+        return min(self.runs["lecun"].epoch_loss) > 0.98 * self.chance_loss
+
+    @property
+    def std_decay(self) -> dict[str, float]:
+        """last hidden layer's std / first layer's std at init, per scheme."""
+        return {s: r.layer_std[-2] / r.layer_std[0] for s, r in self.runs.items()}
+
+
+def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int, lr: float, batch_size: int,
+           seed: int, device: torch.device, progress: bool, desc: str) -> tuple[list[float], list[float], float]:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    criterion = nn.CrossEntropyLoss()
+    epoch_loss, iter_loss = [], []
+    for epoch in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        for idx in tqdm(batches(len(train.y), batch_size, gen), desc=f"{desc} epoch {epoch + 1}", leave=False,
+                        disable=not progress):
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            loss = criterion(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss diverged at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            iter_loss.append(value)
+            total += value * len(idx)
+            n += len(idx)
+        epoch_loss.append(total / n)
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(val.x[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(val.y), 512)])
+    return epoch_loss, iter_loss, float((pred == val.y).float().mean())
+
+
+def run_init_experiment(*, arch: str = "mlp", depth: int = 30, width: int = 256, res: int = 16,
+                        train_per_class: int = 200, val_per_class: int = 50, classes: int = 10, epochs: int = 8,
+                        lr: float = 0.01, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+                        progress: bool = False) -> InitResult:
+    """Measure and train both init schemes on identical data, batches and optimizer settings."""
+    dev = pick_device(device)
+    train = shapes_tensors("train", per_class=train_per_class, res=res, classes=classes, seed=seed, progress=progress)
+    val = shapes_tensors("val", per_class=val_per_class, res=res, classes=classes, seed=seed, progress=progress)
+    runs: dict[str, SchemeRun] = {}
+    for scheme in SCHEMES:
+        seeded(seed)
+        model = PlainNet(arch, depth, width, tuple(train.x.shape[1:]), train.num_classes)  # type: ignore[arg-type]
+        init_weights(model, scheme)
+        model.to(dev)
+        layer_std: list[float] = []
+        with torch.no_grad():
+            model(train.x[:256].to(dev), record=layer_std)
+        start = time.perf_counter()
+        epoch_loss, iter_loss, acc = _train(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size,
+                                            seed=seed, device=dev, progress=progress, desc=scheme)
+        runs[scheme] = SchemeRun(scheme, layer_std, epoch_loss, iter_loss, acc, time.perf_counter() - start)
+    return InitResult(arch, depth, width, res, epochs, lr, chance_loss(train.num_classes), runs)
+
+
+def plot(result: InitResult, path: Path) -> Path:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for scheme, run in result.runs.items():
+        layers = range(1, len(run.layer_std) + 1)
+        ax1.semilogy(layers, run.layer_std, marker="o", markersize=3, label=SCHEME_LABEL[scheme])
+        steps = torch.tensor(run.iter_loss)
+        k = max(1, len(steps) // 100)
+        smooth = steps[: len(steps) // k * k].view(-1, k).mean(1) if k > 1 else steps
+        ax2.plot([(i + 0.5) * k for i in range(len(smooth))], smooth.tolist(), label=SCHEME_LABEL[scheme])
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("std of pre-activations at init")
+    ax1.set_title(f"{result.depth}-layer plain ReLU {result.arch}: signal at init")
+    ax2.axhline(result.chance_loss, color="grey", linestyle=":", label="chance (ln K)")
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("training loss")
+    ax2.set_title(f"training (SGD, lr {result.lr}, momentum 0.9)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary(result: InitResult) -> dict:
+    data = asdict(result)
+    for run in data["runs"].values():
+        run.pop("iter_loss")
+    data["claims"] = {"he_learns": result.he_learns, "small_init_stalls": result.small_init_stalls,
+                      "std_last_over_first": result.std_decay}
+    return data
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export.experiments.init_depth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
+    p.add_argument("--depth", type=int, default=30)
+    p.add_argument("--width", type=int, default=None, help="default: 256 (mlp), 16 (conv)")
+    p.add_argument("--res", type=int, default=16)
+    p.add_argument("--train-per-class", type=int, default=200)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    width = args.width or (256 if args.arch == "mlp" else 16)
+    result = run_init_experiment(arch=args.arch, depth=args.depth, width=width, res=args.res,
+                                 train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                 epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device, progress=True)
+    stem = f"init_depth_{args.arch}"
+    write_json(args.out / f"{stem}.json", summary(result))
+    plot(result, args.out / f"{stem}.png")
+    for scheme, run in result.runs.items():
+        print(f"{SCHEME_LABEL[scheme]:>18}: std last/first at init {result.std_decay[scheme]:.3g}, "
+              f"train loss {run.epoch_loss[0]:.3f} -> {run.epoch_loss[-1]:.3f} (chance {result.chance_loss:.3f}), "
+              f"val acc {run.val_acc:.3f}, {run.seconds:.1f}s")
+    print(f"He init learns: {result.he_learns}; 1/n init stalls: {result.small_init_stalls}; "
+          f"wrote {args.out / stem}.json/.png")
+    return 0 if result.he_learns and result.small_init_stalls else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

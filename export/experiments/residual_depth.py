@@ -1,0 +1,210 @@
+"""Plain vs residual networks of growing depth ("Deep Residual Learning", He et al. 2016, sec. 4.2).
+
+The paper's CIFAR finding: adding layers to a plain (BatchNorm, He-init)
+network makes its *training* error worse ("degradation"), while the same
+networks with identity shortcuts get better with depth. This script trains the
+6n+2-layer CIFAR-style networks (export.models.CifarNet), plain and residual,
+at two depths on the shapes data with identical data, batches and schedule:
+
+    python -m export.experiments.residual_depth [--depths 20 56] [--width 8] [--res 24] [--out docs/experiments]
+
+It records the training loss/error per epoch (the optimization claim) and the
+validation accuracy, and plots them in the style of the paper's Figure 6.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from export.experiments.common import (DEFAULT_OUT, TensorData, batches, pick_device, pyplot, seeded,
+                                       shapes_tensors, write_json)
+from export.models import CifarNet, init_weights
+
+
+@dataclass(frozen=True)
+class NetRun:
+    """One network's training record."""
+
+    name: str
+    depth: int
+    residual: bool
+    params: int
+    train_loss: list[float]   # per epoch (mean over the epoch's steps)
+    train_error: list[float]  # per epoch
+    val_acc: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ResidualResult:
+    depths: tuple[int, ...]
+    width: int
+    res: int
+    epochs: int
+    lr: float
+    runs: dict[str, NetRun]
+
+    def run(self, depth: int, residual: bool) -> NetRun:
+        return self.runs[net_name(depth, residual)]
+
+    @property
+    def deep_residual_beats_plain(self) -> bool:
+        """At the largest depth, shortcuts give a lower final training loss than the plain net."""
+        d = max(self.depths)
+        return self.run(d, True).train_loss[-1] < self.run(d, False).train_loss[-1]
+
+    @property
+    def plain_degrades(self) -> bool:
+        """The deepest plain net ends with a higher training loss than the shallowest plain net."""
+        return self.run(max(self.depths), False).train_loss[-1] > self.run(min(self.depths), False).train_loss[-1]
+
+
+def net_name(depth: int, residual: bool) -> str:
+    return f"{'resnet' if residual else 'plain'}-{depth}"
+
+
+def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int, lr: float, batch_size: int,
+           seed: int, device: torch.device, progress: bool, desc: str) -> tuple[list[float], list[float], float]:
+    """SGD (momentum 0.9, wd 1e-4), a short linear warmup then cosine decay, random horizontal flips."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(train.y) / batch_size)
+    total, warm = epochs * steps_per_epoch, steps_per_epoch // 2
+
+    def factor(it: int) -> float:
+        if it < warm:
+            return (it + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    criterion = nn.CrossEntropyLoss()
+    losses, errors = [], []
+    for epoch in range(epochs):
+        model.train()
+        loss_sum, wrong, n = 0.0, 0, 0
+        for idx in tqdm(batches(len(train.y), batch_size, gen), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                        leave=False, disable=not progress):
+            x, y = train.x[idx], train.y[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).to(device)
+            y = y.to(device)
+            logits = model(x)
+            loss = criterion(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss diverged at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            wrong += int((logits.detach().argmax(1) != y).sum())
+            n += len(idx)
+        losses.append(loss_sum / n)
+        errors.append(wrong / n)
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(val.x[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(val.y), 256)])
+    return losses, errors, float((pred == val.y).float().mean())
+
+
+def run_residual_experiment(*, depths: Sequence[int] = (20, 56), width: int = 8, res: int = 24,
+                            train_per_class: int = 200, val_per_class: int = 50, classes: int = 10,
+                            epochs: int = 6, lr: float = 0.1, batch_size: int = 64, seed: int = 0,
+                            device: str = "cpu", progress: bool = False) -> ResidualResult:
+    """Train plain and residual nets at each depth with the same data, init seed, batches and schedule."""
+    if len(depths) < 2:
+        raise ValueError("need at least two depths to compare")
+    dev = pick_device(device)
+    train = shapes_tensors("train", per_class=train_per_class, res=res, classes=classes, seed=seed, progress=progress)
+    val = shapes_tensors("val", per_class=val_per_class, res=res, classes=classes, seed=seed, progress=progress)
+    runs: dict[str, NetRun] = {}
+    for depth in sorted(depths):
+        for residual in (False, True):
+            name = net_name(depth, residual)
+            seeded(seed)
+            model = CifarNet(depth, train.num_classes, width=width, residual=residual)
+            init_weights(model, "kaiming")
+            model.to(dev)
+            start = time.perf_counter()
+            losses, errors, acc = _train(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                         device=dev, progress=progress, desc=name)
+            runs[name] = NetRun(name, depth, residual, sum(p.numel() for p in model.parameters()), losses, errors,
+                                acc, time.perf_counter() - start)
+    return ResidualResult(tuple(sorted(depths)), width, res, epochs, lr, runs)
+
+
+def plot(result: ResidualResult, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, residual in zip(axes, (False, True)):
+        for depth in result.depths:
+            run = result.run(depth, residual)
+            epochs = range(1, len(run.train_error) + 1)
+            ax.plot(epochs, [100 * e for e in run.train_error], marker="o", markersize=3,
+                    label=f"{run.name} (val acc {run.val_acc:.3f})")
+        ax.set_title(f"{'residual' if residual else 'plain'} nets, width {result.width}, {result.res}x{result.res}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("training error (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary(result: ResidualResult) -> dict:
+    data = asdict(result)
+    data["claims"] = {"deep_residual_beats_plain": result.deep_residual_beats_plain,
+                      "plain_degrades": result.plain_degrades}
+    return data
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export.experiments.residual_depth",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--res", type=int, default=24)
+    p.add_argument("--train-per-class", type=int, default=200)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_residual_experiment(depths=args.depths, width=args.width, res=args.res,
+                                     train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                     epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
+                                     progress=True)
+    write_json(args.out / "residual_depth.json", summary(result))
+    plot(result, args.out / "residual_depth.png")
+    for run in result.runs.values():
+        print(f"{run.name:>10}: train loss {run.train_loss[-1]:.4f}, train error {run.train_error[-1]:.4f}, "
+              f"val acc {run.val_acc:.4f}, {run.params} params, {run.seconds:.1f}s")
+    print(f"deep residual beats deep plain: {result.deep_residual_beats_plain}; "
+          f"plain degrades with depth: {result.plain_degrades}")
+    return 0 if result.deep_residual_beats_plain else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Centre crop vs 10-crop test-time averaging (AlexNet, Krizhevsky et al. 2012, sec. 4.1).
+
+AlexNet trains on random C x C crops of S x S images and, at test time,
+averages the softmax of ten crops: the four corners and the centre, and their
+mirror images. Every training crop position is then covered by a test crop
+near it, and averaging smooths out crop-specific mistakes. This script trains
+a model on the shapes data with ``imgserve train`` (or evaluates an existing
+run) and measures both on the held-out val split, the way the gateway serves
+them (resize S, centre S x S, then the crops):
+
+    python -m export.experiments.ten_crop [--model resnet18 --resize 72 --crop 64 --epochs 8] [--out docs/experiments]
+    python -m export.experiments.ten_crop --run runs/resnet18      # evaluate a finished run's best.pt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import yaml
+
+from export.data.make_dataset import make_shapes
+from export.engine import load_checkpoint
+from export.experiments.common import DEFAULT_OUT, pyplot, write_json
+from export.models import create_model, get_entry
+from export.train import BEST, CONFIG_FILE, CropEval, evaluate_crops, parse_args as train_args, train
+
+
+@dataclass(frozen=True)
+class TenCropResult:
+    model: str
+    resize: int
+    crop: int
+    classes: list[str]
+    eval: CropEval
+    train_seconds: float | None
+
+    @property
+    def ten_crop_at_least_as_accurate(self) -> bool:
+        assert self.eval.ten_crop_acc is not None
+        return self.eval.ten_crop_acc >= self.eval.center_acc
+
+
+def evaluate_run(run_dir: Path, *, val_dir: Path | None = None, device: str = "cpu",
+                 progress: bool = False) -> TenCropResult:
+    """Centre vs 10-crop accuracy of a finished ``imgserve train`` run (its best.pt and config.yaml)."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    model_name, resize, crop = config["model"], int(config["resize"]), int(config["crop"])
+    if val_dir is None:
+        val_dir = Path(config["val-dir"]) if config.get("val-dir") else Path(config["data"]) / "val"
+    entry = get_entry(model_name)
+    model = create_model(model_name, int(config["num-classes"]), init=None)
+    state = load_checkpoint(run_dir / BEST, model)
+    result = evaluate_crops(model, val_dir, resize=resize, crop=crop, entry=entry, device=torch.device(device),
+                            ten_crop=True, progress=progress)
+    return TenCropResult(model_name, resize, crop, list(state.extra.get("classes", [])), result, None)
+
+
+def run_ten_crop_experiment(work_dir: Path, *, model: str = "resnet18", resize: int = 72, crop: int = 64,
+                            epochs: int = 8, train_per_class: int = 300, val_per_class: int = 100, size: int = 64,
+                            lr: float = 0.1, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+                            threads: int | None = None, data: Path | None = None,
+                            progress: bool = False) -> TenCropResult:
+    """Generate shapes (unless ``data`` is given), train with ``imgserve train``, compare the two evaluations."""
+    work_dir = Path(work_dir)
+    if data is None:
+        data = work_dir / "shapes"
+        make_shapes(data, train_per_class=train_per_class, val_per_class=val_per_class, size=size, seed=seed,
+                    overwrite=True, progress=progress)
+    argv = ["--data", str(data), "--model", model, "--resize", str(resize), "--crop", str(crop),
+            "--epochs", str(epochs), "--lr", str(lr), "--batch-size", str(batch_size), "--seed", str(seed),
+            "--device", device, "--output", str(work_dir / "run"), "--overwrite", "--warmup-epochs", "0.5",
+            "--progress" if progress else "--no-progress"]
+    if threads:
+        argv += ["--threads", str(threads)]
+    result = train(train_args(argv))
+    assert result.final is not None
+    return TenCropResult(model, resize, crop, result.classes, result.final, result.train_seconds)
+
+
+def plot(result: TenCropResult, path: Path) -> Path:
+    plt = pyplot()
+    ev = result.eval
+    assert ev.ten_crop_per_class is not None and ev.ten_crop_acc is not None
+    names = result.classes or [str(i) for i in range(len(ev.center_per_class))]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * a for a in ev.center_per_class], width=0.4,
+           label=f"centre crop ({100 * ev.center_acc:.1f}%)")
+    ax.bar([x + 0.2 for x in xs], [100 * a for a in ev.ten_crop_per_class], width=0.4,
+           label=f"10-crop ({100 * ev.ten_crop_acc:.1f}%)")
+    ax.set_xticks(list(xs), names, rotation=30)
+    low = min(ev.center_per_class + ev.ten_crop_per_class)
+    ax.set_ylim(max(0.0, 100 * low - 10), 100.5)
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title(f"{result.model} on shapes (resize {result.resize}, crop {result.crop}), {ev.samples} val images")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary(result: TenCropResult) -> dict:
+    data = asdict(result)
+    data["claims"] = {"ten_crop_at_least_as_accurate": result.ten_crop_at_least_as_accurate}
+    return data
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export.experiments.ten_crop", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=None, help="evaluate this finished train run instead of training")
+    p.add_argument("--data", type=Path, default=None, help="existing shapes ImageFolder (default: generate one)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--resize", type=int, default=72)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--val-per-class", type=int, default=100)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work-dir", type=Path, default=None, help="where data and the run go (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.run is not None:
+        result = evaluate_run(args.run, device=args.device, progress=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="imgserve-tencrop-") as tmp:
+            result = run_ten_crop_experiment(args.work_dir or Path(tmp), model=args.model, resize=args.resize,
+                                             crop=args.crop, epochs=args.epochs,
+                                             train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                             size=args.size, lr=args.lr, seed=args.seed, device=args.device,
+                                             threads=args.threads, data=args.data, progress=True)
+    write_json(args.out / "ten_crop.json", summary(result))
+    plot(result, args.out / "ten_crop.png")
+    ev = result.eval
+    print(f"{result.model} (S={result.resize}, C={result.crop}) on {ev.samples} val images: centre crop "
+          f"{ev.center_acc:.4f} (NLL {ev.center_nll:.4f}), 10-crop {ev.ten_crop_acc:.4f} (NLL {ev.ten_crop_nll:.4f}); "
+          f"{time.perf_counter() - start:.0f}s")
+    return 0 if result.ten_crop_at_least_as_accurate else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

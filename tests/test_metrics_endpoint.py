@@ -1,0 +1,133 @@
+"""/metrics after real traffic: the brief's metric names, observations, errors by code, batching, promtool."""
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
+from tests.procs import GatewayProcess, run_gateway
+
+HISTOGRAMS = ("imgserve_request_duration_seconds", "imgserve_queue_wait_seconds",
+              "imgserve_preprocess_duration_seconds", "imgserve_backend_duration_seconds", "imgserve_batch_size")
+CONCURRENT = 24
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scrape(gw: GatewayProcess) -> str:
+    with urllib.request.urlopen(f"{gw.http_url}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return resp.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(table: dict, name: str, **labels: str) -> float | None:
+    return table.get((name, tuple(sorted(labels.items()))))
+
+
+async def burst(target: str, rounds: int) -> None:
+    """CONCURRENT single-image requests at once, several times: the batcher should merge them."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ImageServiceStub(channel)
+        for r in range(rounds):
+            await asyncio.gather(*(stub.Classify(pb.ClassifyRequest(model="lenet5", images=[png(r * 100 + i)]),
+                                                 timeout=30) for i in range(CONCURRENT)))
+
+
+@pytest.fixture(scope="module")
+def gateway(model_repo: Path) -> Iterator[GatewayProcess]:
+    # a longer batching window makes merging concurrent requests certain even on a busy machine
+    args = ["--max-queue-delay-ms", "20", "--preprocess-threads", "1", "--backend-threads", "1"]
+    with run_gateway(model_repo, extra_args=args) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def after_traffic(gateway: GatewayProcess) -> str:
+    asyncio.run(burst(gateway.grpc_target, rounds=4))
+    with grpc.insecure_channel(gateway.grpc_target) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.ImageServiceStub(channel).Classify(pb.ClassifyRequest(model="missing", images=[png(0)]), timeout=10)
+    return scrape(gateway)
+
+
+def test_histograms_have_observations(after_traffic: str) -> None:
+    table = samples(after_traffic)
+    requests = value(table, "imgserve_request_duration_seconds_count", model="lenet5", endpoint="grpc.Classify",
+                     code="OK")
+    assert requests == 4 * CONCURRENT
+    for name in HISTOGRAMS:
+        counts = [v for (n, _), v in table.items() if n == f"{name}_count"]
+        assert counts and sum(counts) > 0, f"{name} has no observations"
+    assert value(table, "imgserve_queue_wait_seconds_count", model="lenet5") >= 4 * CONCURRENT
+    assert value(table, "imgserve_backend_duration_seconds_count", model="lenet5", backend="onnxruntime") >= 1
+    assert value(table, "imgserve_backend_up", backend="onnxruntime") == 1.0
+    assert value(table, "imgserve_queue_depth", model="lenet5") == 0.0
+
+
+def test_in_flight_gauge_is_exported_and_settles(after_traffic: str) -> None:
+    table = samples(after_traffic)
+    assert value(table, "imgserve_requests_in_flight", endpoint="grpc.Classify") == 0.0
+
+
+def test_errors_by_code(after_traffic: str) -> None:
+    table = samples(after_traffic)
+    assert value(table, "imgserve_request_errors_total", model="(unknown)", endpoint="grpc.Classify",
+                 code="NOT_FOUND") == 1.0
+    assert not any(dict(labels).get("model") == "missing" for _, labels in table), "client text became a label"
+    assert value(table, "imgserve_request_errors_total", model="lenet5", endpoint="grpc.Classify",
+                 code="OK") is None
+
+
+def test_concurrent_requests_share_backend_batches(after_traffic: str) -> None:
+    table = samples(after_traffic)
+    calls = value(table, "imgserve_batch_size_count", model="lenet5")
+    crops = value(table, "imgserve_batch_size_sum", model="lenet5")
+    single = value(table, "imgserve_batch_size_bucket", model="lenet5", le="1.0")
+    assert crops == 4 * CONCURRENT
+    assert calls is not None and single is not None
+    assert calls < crops, "every crop went to the backend alone"
+    assert single < calls, "no backend call carried more than one crop"
+
+
+def test_promtool_accepts_the_exposition(after_traffic: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("PROMTOOL IS NOT INSTALLED: the exposition format was NOT checked "
+                    "(`make tools` installs it from apt `prometheus`)")
+    result = subprocess.run([promtool, "check", "metrics"], input=after_traffic.encode(), capture_output=True,
+                            timeout=60)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and not output.strip(), output
+
+
+def test_openmetrics_on_request(gateway: GatewayProcess, after_traffic: str) -> None:
+    request = urllib.request.Request(f"{gateway.http_url}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert resp.read().decode().rstrip().endswith("# EOF")

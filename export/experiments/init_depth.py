@@ -5,14 +5,16 @@ variance of the signal it passes on; after L layers it is 2^-L of the input's,
 in both directions, and a 30-layer net gets almost no gradient. He init,
 Var[w] = 2/n_in, keeps it constant. This script measures both at init (std of
 every layer's pre-activations on real images) and then trains both with the
-same SGD settings on the shapes data:
+same SGD settings on real images (the bundled MNIST sample by default, or the
+shapes data):
 
-    python -m export.experiments.init_depth [--arch mlp|conv] [--depth 30] [--out docs/experiments]
+    python -m export.experiments.init_depth [--arch mlp|conv] [--depth 30] [--data mnist|shapes] [--out docs/experiments]
 
 The network is a plain stack (no BatchNorm, no shortcuts), since either would
 hide the effect: ``mlp`` is 29 hidden Linear+ReLU layers and a linear
-classifier over flattened 16x16 images, ``conv`` 29 3x3 conv+ReLU layers,
-global average pooling and a linear classifier.
+classifier over the flattened image, ``conv`` 29 3x3 conv+ReLU layers, global
+average pooling and a linear classifier. A plain net this deep is touchy even
+with the right init, so the learning rate is small (0.005, momentum 0.9).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, pick_device, pyplot, seeded,
-                                       shapes_tensors, write_json)
+from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, mnist_tensors, pick_device,
+                                       pyplot, seeded, shapes_tensors, write_json)
 from export.models import init_weights
 
 SCHEMES = ("kaiming", "lecun")
@@ -64,13 +66,13 @@ class PlainNet(nn.Module):
         for layer in self.hidden:
             x = layer(x)
             if record is not None:
-                record.append(float(x.std()))
+                record.append(float(x.detach().std()))
             x = torch.relu(x)
         if self.arch == "conv":
             x = x.mean(dim=(2, 3))
         x = self.classifier(x)
         if record is not None:
-            record.append(float(x.std()))
+            record.append(float(x.detach().std()))
         return x
 
 
@@ -88,6 +90,7 @@ class SchemeRun:
 
 @dataclass(frozen=True)
 class InitResult:
+    data: str
     arch: str
     depth: int
     width: int
@@ -143,14 +146,31 @@ def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int,
     return epoch_loss, iter_loss, float((pred == val.y).float().mean())
 
 
-def run_init_experiment(*, arch: str = "mlp", depth: int = 30, width: int = 256, res: int = 16,
-                        train_per_class: int = 200, val_per_class: int = 50, classes: int = 10, epochs: int = 8,
-                        lr: float = 0.01, batch_size: int = 64, seed: int = 0, device: str = "cpu",
-                        progress: bool = False) -> InitResult:
+def load_data(data: str, *, res: int, train_samples: int | None, seed: int,
+              progress: bool = False) -> tuple[TensorData, TensorData]:
+    """(train, val): MNIST (28x28x1) or shapes (res x res x 3); ``train_samples`` takes a seeded random subset."""
+    if data == "mnist":
+        train, val = mnist_tensors("train"), mnist_tensors("val")
+    elif data == "shapes":
+        per_class = max(1, (train_samples or 2000) // 10)
+        train = shapes_tensors("train", per_class=per_class, res=res, seed=seed, progress=progress)
+        val = shapes_tensors("val", per_class=50, res=res, seed=seed, progress=progress)
+    else:
+        raise ValueError(f"data must be mnist or shapes, got {data!r}")
+    if train_samples is not None and train_samples < len(train.y):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        pick = torch.randperm(len(train.y), generator=g)[:train_samples]  # random: the file is sorted by label
+        train = TensorData(train.x[pick], train.y[pick], train.classes)
+    return train, val
+
+
+def run_init_experiment(*, data: str = "mnist", arch: str = "mlp", depth: int = 30, width: int = 256, res: int = 16,
+                        train_samples: int | None = None, epochs: int = 4, lr: float = 0.005, batch_size: int = 64,
+                        seed: int = 0, device: str = "cpu", progress: bool = False) -> InitResult:
     """Measure and train both init schemes on identical data, batches and optimizer settings."""
     dev = pick_device(device)
-    train = shapes_tensors("train", per_class=train_per_class, res=res, classes=classes, seed=seed, progress=progress)
-    val = shapes_tensors("val", per_class=val_per_class, res=res, classes=classes, seed=seed, progress=progress)
+    train, val = load_data(data, res=res, train_samples=train_samples, seed=seed, progress=progress)
     runs: dict[str, SchemeRun] = {}
     for scheme in SCHEMES:
         seeded(seed)
@@ -164,7 +184,7 @@ def run_init_experiment(*, arch: str = "mlp", depth: int = 30, width: int = 256,
         epoch_loss, iter_loss, acc = _train(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size,
                                             seed=seed, device=dev, progress=progress, desc=scheme)
         runs[scheme] = SchemeRun(scheme, layer_std, epoch_loss, iter_loss, acc, time.perf_counter() - start)
-    return InitResult(arch, depth, width, res, epochs, lr, chance_loss(train.num_classes), runs)
+    return InitResult(data, arch, depth, width, train.x.shape[-1], epochs, lr, chance_loss(train.num_classes), runs)
 
 
 def plot(result: InitResult, path: Path) -> Path:
@@ -179,7 +199,7 @@ def plot(result: InitResult, path: Path) -> Path:
         ax2.plot([(i + 0.5) * k for i in range(len(smooth))], smooth.tolist(), label=SCHEME_LABEL[scheme])
     ax1.set_xlabel("layer")
     ax1.set_ylabel("std of pre-activations at init")
-    ax1.set_title(f"{result.depth}-layer plain ReLU {result.arch}: signal at init")
+    ax1.set_title(f"{result.depth}-layer plain ReLU {result.arch} on {result.data}: signal at init")
     ax2.axhline(result.chance_loss, color="grey", linestyle=":", label="chance (ln K)")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss")
@@ -205,14 +225,14 @@ def summary(result: InitResult) -> dict:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.experiments.init_depth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=("mnist", "shapes"), default="mnist")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
     p.add_argument("--depth", type=int, default=30)
     p.add_argument("--width", type=int, default=None, help="default: 256 (mlp), 16 (conv)")
-    p.add_argument("--res", type=int, default=16)
-    p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--res", type=int, default=16, help="shapes only: image side")
+    p.add_argument("--train-samples", type=int, default=None, help="random training subset (default: all)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -225,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     width = args.width or (256 if args.arch == "mlp" else 16)
-    result = run_init_experiment(arch=args.arch, depth=args.depth, width=width, res=args.res,
-                                 train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                 epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device, progress=True)
-    stem = f"init_depth_{args.arch}"
+    result = run_init_experiment(data=args.data, arch=args.arch, depth=args.depth, width=width, res=args.res,
+                                 train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                 device=args.device, progress=True)
+    stem = f"init_depth_{args.arch}_{args.data}"
     write_json(args.out / f"{stem}.json", summary(result))
     plot(result, args.out / f"{stem}.png")
     for scheme, run in result.runs.items():

@@ -189,7 +189,9 @@ def test_ten_crop_parameter_changes_rgbnet_result(client, kind: str, gateway: Ga
     tta = client.infer("rgbnet", [inp], parameters={"ten_crop": True}).as_numpy("probabilities")
     default = client.infer("rgbnet", [inp]).as_numpy("probabilities")
     assert tta.shape == single.shape == (len(PHOTOS), 10)
-    assert np.abs(tta - single).max() > 1e-4, "10-crop averaging made no difference"
+    # random-weight rgbnet can be saturated on noise (top class ~1.0), so compare relatively:
+    # the small probabilities still move by orders of magnitude between one crop and ten
+    assert not np.allclose(tta, single, rtol=1e-3, atol=0), "10-crop averaging made no difference"
     np.testing.assert_array_equal(default, single)  # rgbnet's ten_crop_default is false
     np.testing.assert_allclose(tta, v1_scores(gateway, "rgbnet", PHOTOS, ten_crop=True), atol=1e-6)
     classes = client.infer("rgbnet", [inp], parameters={"ten_crop": True},

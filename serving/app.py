@@ -112,7 +112,7 @@ class Gateway:
             await self._sync_health()
             self._monitor = asyncio.create_task(self._watch_backend(), name="imgserve-health")
         except BaseException:
-            await self._close_all(grace_s=0.0)
+            await self.close(grace_s=0.0)
             raise
 
     async def _start_grpc(self) -> None:
@@ -184,10 +184,11 @@ class Gateway:
         log.info("draining: health NOT_SERVING, waiting up to %.1f s for in-flight requests",
                  self.settings.shutdown_grace_s)
         await self.health.enter_graceful_shutdown()
-        await self._close_all(self.settings.shutdown_grace_s)
+        await self.close(self.settings.shutdown_grace_s)
         log.info("stopped")
 
-    async def _close_all(self, grace_s: float) -> None:
+    async def close(self, grace_s: float) -> None:
+        """Stop servers (in-flight requests get ``grace_s``), then the data plane and backend."""
         self.draining = True
         if self._monitor is not None:
             self._monitor.cancel()
@@ -215,9 +216,6 @@ async def serve(settings: Settings,
                 on_started: Callable[[Gateway], Awaitable[None]] | None = None) -> None:
     """Run a gateway until SIGTERM/SIGINT, then stop it gracefully (a second signal aborts the drain)."""
     gateway = Gateway(settings=settings, backend=create_backend(settings))
-    await gateway.start()
-    if on_started is not None:
-        await on_started(gateway)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     current = asyncio.current_task()
@@ -231,13 +229,17 @@ async def serve(settings: Settings,
         log.info("%s received, shutting down", signal.Signals(signum).name)
         stop_requested.set()
 
+    # installed before start so a SIGTERM while models load still ends in a clean stop
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
+        await gateway.start()
+        if on_started is not None and not stop_requested.is_set():
+            await on_started(gateway)
         await stop_requested.wait()
         await gateway.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if not gateway.draining:  # cancelled before the graceful path ran
-            await gateway._close_all(grace_s=0.0)
+            await gateway.close(grace_s=0.0)

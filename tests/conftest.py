@@ -73,7 +73,13 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, lenet_run: LenetRun) ->
     export_to_repository(lenet_run.model, get_entry("lenet5"), repo, "lenet5", MNIST_LABELS,
                          description="LeNet-5 trained on the bundled MNIST sample")
     torch.manual_seed(0)
-    rgbnet = create_model("resnet18", num_classes=len(RGBNET_LABELS))
+    rgbnet = create_model("resnet18", num_classes=len(RGBNET_LABELS)).eval()
+    # Random deep nets saturate softmax (one class ~1.0 on every image), which would let
+    # probability comparisons pass while pixels differ. Rescale the head so logits have std ~2.
+    with torch.no_grad():
+        logits = rgbnet(torch.rand(16, 3, 64, 64))
+        rgbnet.fc.weight.mul_(2.0 / float(logits.std()))
+        rgbnet.fc.bias.zero_()
     export_to_repository(rgbnet, get_entry("resnet18"), repo, "rgbnet", RGBNET_LABELS, resize=72, crop=64,
                          description="resnet18 with random weights (seed 0), a cheap 3-channel test model")
     return repo

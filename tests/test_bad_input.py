@@ -241,3 +241,21 @@ def test_overload_is_429_with_retry_after(model_repo: Path) -> None:
                 assert int(headers["Retry-After"]) >= 1
                 assert json.loads(raw)["error"]["code"] == "RESOURCE_EXHAUSTED"
         assert_good_http(gw)
+
+
+@pytest.mark.parametrize("timeout, status, code", [
+    ("abc", 400, "INVALID_ARGUMENT"),
+    ("-1", 400, "INVALID_ARGUMENT"),
+    ("1e-9", 504, "DEADLINE_EXCEEDED"),   # already late when it reaches the queue: dropped before compute
+])
+def test_http_request_timeout_header(gateway: GatewayProcess, timeout: str, status: int, code: str) -> None:
+    request = urllib.request.Request(f"{gateway.http_url}/v1/classify", data=classify_body([GOOD]), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Request-Timeout": timeout})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            got_status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        got_status, raw = err.code, err.read()
+    assert got_status == status, raw
+    assert json.loads(raw)["error"]["code"] == code
+    assert_good_http(gateway)

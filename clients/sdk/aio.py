@@ -20,7 +20,7 @@ from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.client import find_model
 from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http
 from clients.sdk.images import as_image_list, encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, Endpoint,
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, Endpoint,
                               check_result_count, classify_request, from_json, grpc_channel_options,
                               metadata_pairs, parse_target, to_json)
 from clients.types import ClassifyResult, ModelInfo
@@ -79,7 +79,9 @@ class _AioHttpTransport:
         return self._session
 
     async def _request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> bytes:
-        headers = {"Content-Type": JSON_CONTENT_TYPE} if body is not None else None
+        headers = {"Content-Type": JSON_CONTENT_TYPE} if body is not None else {}
+        if timeout is not None:
+            headers[TIMEOUT_HEADER] = f"{timeout:g}"  # the server drops the request once it is late
         try:
             async with self._get_session().request(
                     method, self._base + path, data=body, headers=headers,

@@ -19,7 +19,7 @@ from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http
 from clients.sdk.images import encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, Endpoint,
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, Endpoint,
                               classify_request, check_result_count, from_json, grpc_channel_options,
                               metadata_pairs, parse_target, to_json)
 from clients.types import ClassifyResult, ModelInfo
@@ -64,6 +64,8 @@ class _HttpTransport:
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = JSON_CONTENT_TYPE
+        if timeout is not None:
+            headers[TIMEOUT_HEADER] = f"{timeout:g}"  # the server drops the request once it is late
         req = urllib.request.Request(self._base + path, data=body, method=method, headers=headers)
         try:
             with self._opener.open(req, timeout=timeout) as resp:

@@ -24,6 +24,8 @@ DEFAULT_MAX_MESSAGE_MB = 64  # the gateway's default send/receive limit
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PATH = "/v1/models"
 JSON_CONTENT_TYPE = "application/json"
+# Seconds the gateway may spend on an HTTP request (HTTP has no deadline of its own, gRPC does).
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 M = TypeVar("M", bound=Message)
 

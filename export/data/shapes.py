@@ -43,7 +43,8 @@ class ShapesStyle:
     texture: how strongly background textures/gradients vary (0 flat, 1 full-range colour blotches);
     noise: per-pixel noise std range (0-255 scale); radius: object circumradius as a fraction of the
     shorter side; min_contrast: least luma difference between object and the background under it;
-    clutter_behind / clutter_front: how many distractors are drawn under / over the object.
+    clutter_behind / clutter_front: how many distractors are drawn under / over the object;
+    rotation: objects turn by up to this many degrees either way (180: any orientation).
     """
 
     texture: float = 0.5
@@ -52,6 +53,7 @@ class ShapesStyle:
     min_contrast: float = 70.0
     clutter_behind: tuple[int, int] = (1, 4)
     clutter_front: tuple[int, int] = (0, 1)
+    rotation: float = 180.0
 
 
 @dataclass(frozen=True)
@@ -292,7 +294,7 @@ def render(name: str, rng: np.random.Generator, config: ShapesConfig) -> Image.I
     slack = max(side / 2 - r * 1.05, 0.0)
     cx = W / 2 + rng.uniform(-slack, slack) * 0.8
     cy = H / 2 + rng.uniform(-slack, slack) * 0.8
-    theta = rng.uniform(0, 2 * math.pi)
+    theta = math.radians(rng.uniform(-style.rotation, style.rotation))
 
     mask_img = Image.new("L", (W, H), 0)
     _draw_object(name, rng, ImageDraw.Draw(mask_img), cx, cy, r, theta)

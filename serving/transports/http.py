@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,6 +52,23 @@ class HttpProblem(ServingError):
         super().__init__(message)
         self.http_status = http_status
         self.grpc_code = grpc_code
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def request_deadline(request: web.Request) -> float | None:
+    """The client's deadline from ``X-Request-Timeout`` (seconds), HTTP's stand-in for a gRPC deadline."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise InvalidInput(f"header {TIMEOUT_HEADER} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidInput(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+    return time.monotonic() + seconds
 
 
 # ---------------------------------------------------------------- responses
@@ -266,7 +284,7 @@ class HttpApi:
             record.model = message.model
             top_k, ten_crop = classify_options(message)
             result = await self.dataplane.classify(message.model, list(message.images), top_k=top_k,
-                                                   ten_crop=ten_crop)
+                                                   ten_crop=ten_crop, deadline=request_deadline(request))
             return message_response(classify_response(result))
 
     async def list_models(self, request: web.Request) -> web.Response:

@@ -175,12 +175,14 @@ class CifarNet(nn.Module):
     at widths w, 2w, 4w (stride 2 between stages), global average pooling and a linear classifier.
     ``residual=False`` gives the "plain" counterpart with the same layers and no shortcuts."""
 
-    def __init__(self, depth: int, num_classes: int = 10, *, width: int = 16, residual: bool = True) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, *, width: int = 16, residual: bool = True,
+                 in_channels: int = 3) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, ... 56), got {depth}")
         n = (depth - 2) // 6
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU(inplace=True)]
         cin = width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for block in range(n):

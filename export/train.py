@@ -55,7 +55,7 @@ LABELS = "labels.txt"
 SCHEDULES = ("cosine", "step", "constant")
 INITS = ("kaiming", "lecun")
 # Options that say where a run is, not what it is: never written to config.yaml.
-_NOT_SAVED = {"config", "resume", "overwrite", "export_to", "name", "progress"}
+_NOT_SAVED = {"config", "resume", "overwrite", "export_to", "name", "progress", "export_gpu", "stop_after"}
 
 
 class TrainError(RuntimeError):
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", type=Path, default=None,
                    help="checkpoint to continue from (its run's config.yaml supplies the defaults)")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch of the --epochs schedule (for time-boxed jobs; continue with --resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="model name in the repository (default: --model)")
     g.add_argument("--ten-crop-default", action=argparse.BooleanOptionalAction, default=None,
                    help="whether the served model uses 10-crop when a request does not say (default: the registry's)")
+    g.add_argument("--export-gpu", action="store_true", help="serve the exported model on KIND_GPU Triton instances")
     return parser
 
 
@@ -205,6 +208,8 @@ def _validate(args: argparse.Namespace) -> None:
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
+        raise TrainError(f"--stop-after must be in [1, --epochs], got {args.stop_after}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise TrainError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if args.workers < 0:
@@ -494,7 +499,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     (out / LABELS).write_text("\n".join(classes) + "\n")
 
     run_start = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs + 1):
+    last_epoch = args.epochs if args.stop_after is None else args.stop_after
+    if start_epoch > last_epoch:
+        raise TrainError(f"--stop-after {last_epoch}: the run already finished epoch {start_epoch - 1}")
+    for epoch in range(start_epoch, last_epoch + 1):
         # Everything random in this epoch depends on (seed, epoch) only: resumes repeat it exactly.
         seed_everything(epoch_seed(args.seed, epoch), deterministic=args.deterministic)
         train_loader.generator.manual_seed(epoch_seed(args.seed, epoch))
@@ -531,7 +539,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         "amp": amp, "channels_last": channels_last, "checkpoint": str(out / BEST),
     })
     log.write(plot=True)
-    result = TrainResult(output=out, classes=classes, epochs_run=args.epochs - start_epoch + 1,
+    log.summary["epochs_done"] = last_epoch
+    log.write(plot=False)
+    result = TrainResult(output=out, classes=classes, epochs_run=last_epoch - start_epoch + 1,
                          best_epoch=best_epoch, best_val_acc=best_acc, final=final,
                          train_seconds=previous + train_seconds)
 
@@ -540,7 +550,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
         exported = export_to_repository(model.float().to(memory_format=torch.contiguous_format).cpu(), entry,
                                         args.export_to, args.name, classes, resize=args.resize, crop=args.crop,
-                                        ten_crop_default=args.ten_crop_default,
+                                        ten_crop_default=args.ten_crop_default, gpu=args.export_gpu,
                                         description=f"{args.model} trained on {splits.train.parent.name or splits.train} "
                                                     f"(val acc {final.center_acc:.4f})")
         result.export_path, result.export_seconds = exported.path, exported.seconds

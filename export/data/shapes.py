@@ -53,7 +53,7 @@ class ShapesStyle:
     min_contrast: float = 70.0
     clutter_behind: tuple[int, int] = (1, 4)
     clutter_front: tuple[int, int] = (0, 1)
-    rotation: float = 180.0
+    rotation: float = 20.0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class TensorData:
         return len(self.classes)
 
 
-def shapes_tensors(split: str, *, per_class: int, res: int, classes: int = 10, size: int = 48, seed: int = 0,
+def shapes_tensors(split: str, *, per_class: int, res: int, classes: int = 10, size: int = 64, seed: int = 0,
                    progress: bool = False) -> TensorData:
     """Shapes images generated in memory, resized (shorter side) and centre-cropped to res x res.
 
@@ -69,6 +69,25 @@ def mnist_tensors(split: str) -> TensorData:
     x = torch.from_numpy(part.images).float().unsqueeze(1) / 255.0
     return TensorData((x - MNIST_MEAN[0]) / MNIST_STD[0], torch.from_numpy(part.labels),
                       tuple(str(i) for i in range(10)))
+
+
+def load_data(data: str, *, res: int, train_samples: int | None, seed: int,
+              progress: bool = False) -> tuple[TensorData, TensorData]:
+    """(train, val): MNIST (28x28x1) or shapes (res x res x 3); ``train_samples`` takes a seeded random subset."""
+    if data == "mnist":
+        train, val = mnist_tensors("train"), mnist_tensors("val")
+    elif data == "shapes":
+        per_class = max(1, (train_samples or 2000) // 10)
+        train = shapes_tensors("train", per_class=per_class, res=res, seed=seed, progress=progress)
+        val = shapes_tensors("val", per_class=50, res=res, seed=seed, progress=progress)
+    else:
+        raise ValueError(f"data must be mnist or shapes, got {data!r}")
+    if train_samples is not None and train_samples < len(train.y):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        pick = torch.randperm(len(train.y), generator=g)[:train_samples]  # random: the file is sorted by label
+        train = TensorData(train.x[pick], train.y[pick], train.classes)
+    return train, val
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, mnist_tensors, pick_device,
-                                       pyplot, seeded, shapes_tensors, write_json)
+from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, load_data, pick_device, pyplot,
+                                       seeded, write_json)
 from export.models import init_weights
 
 SCHEMES = ("kaiming", "lecun")
@@ -144,25 +144,6 @@ def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int,
     with torch.no_grad():
         pred = torch.cat([model(val.x[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(val.y), 512)])
     return epoch_loss, iter_loss, float((pred == val.y).float().mean())
-
-
-def load_data(data: str, *, res: int, train_samples: int | None, seed: int,
-              progress: bool = False) -> tuple[TensorData, TensorData]:
-    """(train, val): MNIST (28x28x1) or shapes (res x res x 3); ``train_samples`` takes a seeded random subset."""
-    if data == "mnist":
-        train, val = mnist_tensors("train"), mnist_tensors("val")
-    elif data == "shapes":
-        per_class = max(1, (train_samples or 2000) // 10)
-        train = shapes_tensors("train", per_class=per_class, res=res, seed=seed, progress=progress)
-        val = shapes_tensors("val", per_class=50, res=res, seed=seed, progress=progress)
-    else:
-        raise ValueError(f"data must be mnist or shapes, got {data!r}")
-    if train_samples is not None and train_samples < len(train.y):
-        g = torch.Generator()
-        g.manual_seed(seed)
-        pick = torch.randperm(len(train.y), generator=g)[:train_samples]  # random: the file is sorted by label
-        train = TensorData(train.x[pick], train.y[pick], train.classes)
-    return train, val
 
 
 def run_init_experiment(*, data: str = "mnist", arch: str = "mlp", depth: int = 30, width: int = 256, res: int = 16,

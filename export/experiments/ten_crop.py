@@ -8,8 +8,8 @@ a model on the shapes data with ``imgserve train`` (or evaluates an existing
 run) and measures both on the held-out val split, the way the gateway serves
 them (resize S, centre S x S, then the crops):
 
-    python -m export.experiments.ten_crop [--model resnet18 --resize 72 --crop 64 --epochs 8] [--out docs/experiments]
-    python -m export.experiments.ten_crop --run runs/resnet18      # evaluate a finished run's best.pt
+    python -m export.experiments.ten_crop [--model cifar_resnet20 --resize 36 --crop 32 --epochs 4] [--out docs/experiments]
+    python -m export.experiments.ten_crop --run runs/resnet20      # evaluate a finished run's best.pt
 """
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def evaluate_run(run_dir: Path, *, val_dir: Path | None = None, device: str = "c
     return TenCropResult(model_name, resize, crop, list(state.extra.get("classes", [])), result, None)
 
 
-def run_ten_crop_experiment(work_dir: Path, *, model: str = "resnet18", resize: int = 72, crop: int = 64,
-                            epochs: int = 8, train_per_class: int = 300, val_per_class: int = 100, size: int = 64,
-                            lr: float = 0.1, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+def run_ten_crop_experiment(work_dir: Path, *, model: str = "cifar_resnet20", resize: int = 36, crop: int = 32,
+                            epochs: int = 4, train_per_class: int = 300, val_per_class: int = 100, size: int = 64,
+                            lr: float = 0.05, batch_size: int = 32, seed: int = 0, device: str = "cpu",
                             threads: int | None = None, data: Path | None = None,
                             progress: bool = False) -> TenCropResult:
     """Generate shapes (unless ``data`` is given), train with ``imgserve train``, compare the two evaluations."""
@@ -75,7 +75,7 @@ def run_ten_crop_experiment(work_dir: Path, *, model: str = "resnet18", resize: 
                     overwrite=True, progress=progress)
     argv = ["--data", str(data), "--model", model, "--resize", str(resize), "--crop", str(crop),
             "--epochs", str(epochs), "--lr", str(lr), "--batch-size", str(batch_size), "--seed", str(seed),
-            "--device", device, "--output", str(work_dir / "run"), "--overwrite", "--warmup-epochs", "0.5",
+            "--device", device, "--output", str(work_dir / "run"), "--overwrite", "--warmup-epochs", "0.3",
             "--progress" if progress else "--no-progress"]
     if threads:
         argv += ["--threads", str(threads)]
@@ -119,14 +119,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.experiments.ten_crop", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=None, help="evaluate this finished train run instead of training")
     p.add_argument("--data", type=Path, default=None, help="existing shapes ImageFolder (default: generate one)")
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--resize", type=int, default=72)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--model", default="cifar_resnet20")
+    p.add_argument("--resize", type=int, default=36)
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--val-per-class", type=int, default=100)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -147,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_ten_crop_experiment(args.work_dir or Path(tmp), model=args.model, resize=args.resize,
                                              crop=args.crop, epochs=args.epochs,
                                              train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                             size=args.size, lr=args.lr, seed=args.seed, device=args.device,
+                                             size=args.size, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                             device=args.device,
                                              threads=args.threads, data=args.data, progress=True)
     write_json(args.out / "ten_crop.json", summary(result))
     plot(result, args.out / "ten_crop.png")

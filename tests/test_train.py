@@ -1,0 +1,218 @@
+"""``imgserve train`` on tiny ImageFolders: the loop, checkpoints, exact resume, config layering, metrics, export."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from export.build_repo import SHAPES_TRAIN_OPTIONS
+from export.data.make_dataset import make_shapes
+from export.train import lr_factor, main, parse_args
+from serving.repository import read_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# Cheap settings: ResNet-20 on 16x16 crops of 3 shape classes trains in about a second per epoch.
+TINY = ["--model", "cifar_resnet20", "--resize", "20", "--crop", "16", "--batch-size", "16", "--lr", "0.05",
+        "--pca-images", "50", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train_data") / "shapes"
+    make_shapes(root, classes=3, train_per_class=30, val_per_class=10, size=32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny run with a config file whose epochs/lr the flags override, exported at the end."""
+    tmp = tmp_path_factory.mktemp("train_run")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": "cifar_resnet20", "epochs": 7, "lr": 0.2, "batch_size": 16,
+                                      "weight-decay": 0.001, "sched": "cosine", "warmup-epochs": 0.5}))
+    out, repo = tmp / "run", tmp / "repo"
+    argv = ["--config", str(config), "--data", str(data), *TINY, "--epochs", "3", "--output", str(out),
+            "--export-to", str(repo), "--name", "tiny"]
+    return {"rc": main(argv), "out": out, "repo": repo, "config": config}
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_tiny_run_learns(run: dict) -> None:
+    assert run["rc"] == 0
+    rows = _metrics(run["out"])["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    assert all({"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(r) for r in rows)
+
+
+def test_checkpoints_last_and_best(run: dict) -> None:
+    out = run["out"]
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    metrics = _metrics(out)
+    accs = [r["val_acc"] for r in metrics["epochs"]]
+    assert last["epoch"] == 3
+    assert best["epoch"] == metrics["summary"]["best_epoch"] == 1 + int(np.argmax(accs))
+    assert best["best_accuracy"] == pytest.approx(max(accs))
+    assert last["extra"]["classes"] == ["circle", "square", "triangle"]
+    assert set(last) >= {"model", "optimizer", "scheduler"}
+
+
+def test_config_yaml_is_resolved_with_flags_over_file(run: dict) -> None:
+    saved = yaml.safe_load((run["out"] / "config.yaml").read_text())
+    assert saved["epochs"] == 3 and saved["lr"] == 0.05          # flags win
+    assert saved["weight-decay"] == 0.001 and saved["warmup-epochs"] == 0.5  # from the file
+    assert saved["batch-size"] == 16 and saved["model"] == "cifar_resnet20"
+    assert saved["num-classes"] == 3 and saved["resize"] == 20 and saved["crop"] == 16  # resolved
+    assert saved["init"] == "kaiming" and saved["pca-std"] == 0.1                        # defaults
+    assert "resume" not in saved and "config" not in saved
+    # The saved file is itself a valid config: it reproduces the same options.
+    again = parse_args(["--config", str(run["out"] / "config.yaml")])
+    assert (again.epochs, again.lr, again.weight_decay, again.num_classes) == (3, 0.05, 0.001, 3)
+
+
+def test_metrics_files_and_plot(run: dict) -> None:
+    out = run["out"]
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_acc"} <= set(rows[0])
+    with Image.open(out / "metrics.png") as png:
+        assert png.format == "PNG" and png.width > 300
+
+
+def test_centre_and_ten_crop_numbers_are_reported(run: dict) -> None:
+    summary = _metrics(run["out"])["summary"]
+    for key in ("center_crop_acc", "ten_crop_acc", "center_crop_nll", "ten_crop_nll"):
+        assert isinstance(summary[key], float)
+    assert 0.0 <= summary["center_crop_acc"] <= 1.0 and 0.0 <= summary["ten_crop_acc"] <= 1.0
+    assert summary["val_samples"] == 30 and summary["train_samples"] == 90
+    assert summary["center_crop_acc"] == pytest.approx(summary["best_val_acc"])
+
+
+def test_export_to_repository_uses_class_names_and_training_sizes(run: dict) -> None:
+    model = read_model(run["repo"] / "tiny")
+    assert model.spec.labels == ("circle", "square", "triangle")
+    assert (model.spec.preprocess.resize, model.spec.preprocess.crop) == (20, 16)
+    assert model.spec.preprocess.ten_crop_default is False
+    assert model.onnx_path.is_file()
+    assert _metrics(run["out"])["summary"]["export_path"] == str(model.onnx_path)
+
+
+def test_resume_continues_exactly(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopping after epoch 2 and resuming gives bit-identical weights to an uninterrupted run."""
+    base = ["--data", str(data), *TINY, "--epochs", "3"]
+    assert main(base + ["--output", str(tmp_path / "full")]) == 0
+    assert main(base + ["--output", str(tmp_path / "part"), "--stop-after", "2"]) == 0
+    part = torch.load(tmp_path / "part" / "last.pt", map_location="cpu", weights_only=True)
+    assert part["epoch"] == 2
+    rows_before = _metrics(tmp_path / "part")["epochs"]
+    assert main(["--resume", str(tmp_path / "part" / "last.pt"), "--no-progress", "--threads", "1"]) == 0
+    full = torch.load(tmp_path / "full" / "last.pt", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "part" / "last.pt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 3
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    rows_after = _metrics(tmp_path / "part")["epochs"]
+    assert rows_after[:2] == rows_before and [r["epoch"] for r in rows_after] == [1, 2, 3]
+    # A finished run needs a larger --epochs to go on.
+    assert main(["--resume", str(tmp_path / "part" / "last.pt"), "--no-progress"]) == 2
+    assert "pass a larger --epochs" in capsys.readouterr().err
+
+
+def test_lr_schedules() -> None:
+    cos = lr_factor("cosine", epochs=4, iters_per_epoch=10, warmup_epochs=1, min_lr_ratio=0.1)
+    assert [cos(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])      # linear warmup
+    assert cos(10) == pytest.approx(1.0) and cos(25) == pytest.approx(0.55)  # cosine midpoint
+    assert cos(40) == pytest.approx(0.1)
+    step = lr_factor("step", epochs=9, iters_per_epoch=5, step_size=3, gamma=0.1)
+    assert [step(i) for i in (0, 14, 15, 30)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert lr_factor("constant", epochs=2, iters_per_epoch=3)(5) == 1.0
+
+
+def test_greyscale_model_with_padding_trains_and_evaluates(tmp_path: Path) -> None:
+    """lenet5 (1 channel, crop 28 padded to 32 in training as in the exported graph) on a digit ImageFolder."""
+    from export.data.mnist import mnist_split
+
+    split = mnist_split()
+    for name, part, n in (("train", split.train, 15), ("val", split.test, 5)):
+        for digit in (0, 1):
+            folder = tmp_path / "digits" / name / f"d{digit}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(part.labels == digit)[:n]:
+                Image.fromarray(part.images[i]).save(folder / f"{i}.png")
+    assert main(["--data", str(tmp_path / "digits"), "--model", "lenet5", "--epochs", "2", "--batch-size", "10",
+                 "--lr", "0.05", "--no-progress", "--threads", "1", "--output", str(tmp_path / "run")]) == 0
+    summary = _metrics(tmp_path / "run")["summary"]
+    assert (summary["resize"], summary["crop"]) == (28, 28) and summary["ten_crop_acc"] is not None
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"learning_rate": 0.1}, "unknown option 'learning_rate'"),
+    ({"lr": "fast"}, "lr='fast' is not a valid float"),
+    ({"sched": "linear"}, "sched must be one of"),
+    ({"nesterov": "yes"}, "nesterov must be true or false"),
+    (["not", "a", "mapping"], "must hold a mapping"),
+])
+def test_bad_config_files_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], config: object,
+                                           message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--config", str(path), "--data", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nonet"], "unknown model 'nonet'"),
+    (["--resize", "10", "--crop", "16"], "need 1 <= --crop <= --resize"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "2", "--stop-after", "3"], "--stop-after must be in [1, --epochs]"),
+    (["--model", "lenet5", "--crop", "40"], "takes at most 32x32"),
+])
+def test_bad_flags_are_usage_errors(data: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                    message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--data", str(data), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_problems_give_clear_errors(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = [*TINY, "--epochs", "1"]
+    assert main(["--data", str(tmp_path / "nowhere"), *base, "--output", str(tmp_path / "a")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--data", str(data), *base, "--num-classes", "5", "--output", str(tmp_path / "b")]) == 2
+    assert "--num-classes 5 but the data has 3 classes" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    shutil.copytree(data, odd)
+    shutil.rmtree(odd / "val" / "circle")
+    assert main(["--data", str(odd), *base, "--output", str(tmp_path / "c")]) == 2
+    assert "train and val classes differ" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "missing.pt"), "--data", str(data), *base]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(run: dict, data: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--data", str(data), *TINY, "--epochs", "1", "--output", str(run["out"])]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_shipped_config_matches_the_default_repository_builder() -> None:
+    """configs/resnet20_shapes.yaml documents exactly what build-repo trains."""
+    shipped = yaml.safe_load((ROOT / "configs" / "resnet20_shapes.yaml").read_text())
+    assert {k: str(v) for k, v in shipped.items()} == SHAPES_TRAIN_OPTIONS
+    for name in ("resnet20_shapes.yaml", "resnet18_shapes.yaml"):
+        args = parse_args(["--config", str(ROOT / "configs" / name), "--data", "x"])
+        assert args.model in ("cifar_resnet20", "resnet18")

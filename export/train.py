@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from export.data.augment import (PCA_ALPHA_STD, RGBPCA, eval_transform, rgb_pca_of_images, ten_crop_transform,

@@ -216,3 +216,27 @@ def test_shipped_config_matches_the_default_repository_builder() -> None:
     for name in ("resnet20_shapes.yaml", "resnet18_shapes.yaml"):
         args = parse_args(["--config", str(ROOT / "configs" / name), "--data", "x"])
         assert args.model in ("cifar_resnet20", "resnet18")
+
+
+def test_alexnet_keeps_its_dropout_and_resnets_have_batchnorm() -> None:
+    from export.models import create_model
+
+    alexnet = create_model("alexnet", 10)
+    dropouts = [m for m in alexnet.classifier if isinstance(m, torch.nn.Dropout)]
+    assert [d.p for d in dropouts] == [0.5, 0.5]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in alexnet.modules())
+    x = torch.randn(2, 3, 64, 64)
+    alexnet.train()
+    assert not torch.equal(alexnet(x), alexnet(x))  # dropout is active in training
+    alexnet.eval()
+    assert torch.equal(alexnet(x), alexnet(x))
+    for name in ("resnet18", "cifar_resnet20", "lenet5"):
+        assert any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)) for m in create_model(name, 3).modules())
+
+
+def test_mixed_precision_is_cuda_only(data: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU fallback")
+    with pytest.warns(UserWarning, match="--amp needs CUDA"):
+        assert main(["--data", str(data), *TINY, "--epochs", "1", "--amp", "--output", str(tmp_path / "amp")]) == 0
+    assert _metrics(tmp_path / "amp")["summary"]["amp"] is False

@@ -19,7 +19,6 @@ with the right init, so the learning rate is small (0.005, momentum 0.9).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass

@@ -128,13 +128,14 @@ async def test_gateway_matches_torchvision_reference(rgbnet_repo: Path, session:
         ref_top5 = torch.topk(want[i], 5).indices.tolist()
         assert [s.index for s in top.results[i]] == ref_top5, name
         np.testing.assert_allclose([s.score for s in top.results[i]], want[i][ref_top5].numpy(), atol=1e-5)
-    # The random-weight rgbnet is very confident (its top class is ~1.0), so agreeing within 1e-5 in
-    # probability alone would hide pixel differences; log-probabilities move by ~0.1-1 when a single
-    # resampling step differs (see the draft test below), so they must agree closely as well.
+    # A saturated model (top class ~1.0) would let 1e-5 in probability hide pixel differences; the
+    # conftest rescales rgbnet's head against that, and log-probabilities (which move by ~0.1-1 when a
+    # single resampling step differs, see the draft test below) must agree closely as well.
+    assert got.probabilities.max() < 0.999
     log_got, log_want = log_probs(got.probabilities), log_probs(want.numpy())
     np.testing.assert_allclose(log_got, log_want, atol=2e-3, rtol=0)
     # the images really differ: the model is not answering the same thing for everything
-    assert np.abs(log_got - log_got.mean(axis=0)).mean() > 1.0
+    assert np.abs(log_got - log_got.mean(axis=0)).mean() > 0.3
 
 
 def test_draft_changes_the_answer_very_little(session: ort.InferenceSession) -> None:

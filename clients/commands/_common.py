@@ -15,24 +15,27 @@ EXIT_REQUEST_FAILED = 1   # the server (or the network) answered with an error
 EXIT_USAGE = 2            # bad flags or unusable local input; argparse uses 2 as well
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, cast: type[float] | type[int], *, minimum: float, strict: bool) -> float:
+    """Parse a number for argparse, refusing values below (or, strict, equal to) ``minimum``."""
     try:
-        value = float(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"not {'an integer' if cast is int else 'a number'}: {text!r}") from None
+    if value < minimum or (strict and value == minimum):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return float(_number(text, float, minimum=0, strict=True))
+
+
+def non_negative_float(text: str) -> float:
+    return float(_number(text, float, minimum=0, strict=False))
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return int(_number(text, int, minimum=1, strict=False))
 
 
 def add_connection_args(parser: argparse.ArgumentParser, *, timeout_default: float | None = None) -> None:

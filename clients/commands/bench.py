@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from clients import bench
-from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, positive_float,
-                                      positive_int, report_error)
+from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, non_negative_float,
+                                      positive_float, positive_int, report_error)
 from clients.sdk.errors import ImgserveError
 from clients.sdk.wire import parse_target
 
@@ -22,16 +22,6 @@ def concurrency_list(text: str) -> tuple[int, ...]:
     if not levels or any(c < 1 for c in levels):
         raise argparse.ArgumentTypeError(f"concurrency levels must be integers >= 1, got {text!r}")
     return levels
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

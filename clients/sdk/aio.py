@@ -20,9 +20,10 @@ from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.client import find_model
 from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http
 from clients.sdk.images import as_image_list, encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, Endpoint,
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
+                              ClientState, Endpoint,
                               check_result_count, classify_request, from_json, grpc_channel_options,
-                              metadata_pairs, parse_target, to_json)
+                              metadata_pairs, to_json)
 from clients.types import ClassifyResult, ModelInfo
 
 
@@ -109,7 +110,7 @@ class _AioHttpTransport:
             await self._session.close()
 
 
-class AsyncImageClient:
+class AsyncImageClient(ClientState):
     """asyncio imgserve client; same arguments, results and errors as ImageClient.
 
     Use ``async with AsyncImageClient(...) as client`` or ``await client.close()``.
@@ -119,24 +120,13 @@ class AsyncImageClient:
                  timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  headers: Mapping[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.endpoint = parse_target(target, protocol)
-        self.timeout = timeout
+        super().__init__(target, protocol, timeout)
         headers = dict(headers or {})
         self._transport: _AioGrpcTransport | _AioHttpTransport
         if self.endpoint.protocol == "grpc":
             self._transport = _AioGrpcTransport(self.endpoint, max_message_mb, headers, credentials)
         else:
             self._transport = _AioHttpTransport(self.endpoint, headers)
-        self._closed = False
-
-    @property
-    def protocol(self) -> str:
-        return self.endpoint.protocol
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        if self._closed:
-            raise RuntimeError("AsyncImageClient is closed")
-        return self.timeout if timeout is None else timeout
 
     async def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
                        timeout: float | None = None) -> ClassifyResult:

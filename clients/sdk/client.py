@@ -19,9 +19,10 @@ from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http
 from clients.sdk.images import encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, Endpoint,
+from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
+                              ClientState, Endpoint,
                               classify_request, check_result_count, from_json, grpc_channel_options,
-                              metadata_pairs, parse_target, to_json)
+                              metadata_pairs, to_json)
 from clients.types import ClassifyResult, ModelInfo
 
 
@@ -96,7 +97,7 @@ class _HttpTransport:
         self._opener.close()
 
 
-class ImageClient:
+class ImageClient(ClientState):
     """Blocking imgserve client.
 
     ``ImageClient("localhost:8500")`` talks gRPC; ``ImageClient("http://localhost:8080")``
@@ -109,24 +110,13 @@ class ImageClient:
                  timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  headers: Mapping[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.endpoint = parse_target(target, protocol)
-        self.timeout = timeout
+        super().__init__(target, protocol, timeout)
         headers = dict(headers or {})
         self._transport: _GrpcTransport | _HttpTransport
         if self.endpoint.protocol == "grpc":
             self._transport = _GrpcTransport(self.endpoint, max_message_mb, headers, credentials)
         else:
             self._transport = _HttpTransport(self.endpoint, headers)
-        self._closed = False
-
-    @property
-    def protocol(self) -> str:
-        return self.endpoint.protocol
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        if self._closed:
-            raise RuntimeError("ImageClient is closed")
-        return self.timeout if timeout is None else timeout
 
     def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
                  timeout: float | None = None) -> ClassifyResult:

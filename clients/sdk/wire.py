@@ -111,3 +111,22 @@ def check_result_count(response: pb.ClassifyResponse, n_images: int) -> None:
 def metadata_pairs(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """gRPC metadata from user headers (gRPC requires lower-case keys)."""
     return tuple((str(k).lower(), str(v)) for k, v in headers.items())
+
+
+class ClientState:
+    """What ImageClient and AsyncImageClient share: the endpoint, the default timeout, closed-ness."""
+
+    def __init__(self, target: str, protocol: str | None, timeout: float | None) -> None:
+        self.endpoint = parse_target(target, protocol)
+        self.timeout = timeout
+        self._closed = False
+
+    @property
+    def protocol(self) -> str:
+        return self.endpoint.protocol
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        """The per-call timeout (the client default when None); refuses calls after close()."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        return self.timeout if timeout is None else timeout

@@ -109,6 +109,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG (creating its folder) and release it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
 def write_json(path: Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, load_data, pick_device, pyplot,
-                                       seeded, write_json)
+                                       save_figure, seeded, write_json)
 from export.models import init_weights
 
 SCHEMES = ("kaiming", "lecun")
@@ -188,10 +188,7 @@ def plot(result: InitResult, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary(result: InitResult) -> dict:

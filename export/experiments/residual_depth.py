@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.experiments.common import DEFAULT_OUT, TensorData, batches, load_data, pick_device, pyplot, seeded, write_json
+from export.experiments.common import (DEFAULT_OUT, TensorData, batches, load_data, pick_device, pyplot, save_figure,
+                                       seeded, write_json)
 from export.models import CifarNet, init_weights
 
 
@@ -162,10 +163,7 @@ def plot(result: ResidualResult, path: Path) -> Path:
         ax.legend()
     axes[0].set_ylabel("training error (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary(result: ResidualResult) -> dict:

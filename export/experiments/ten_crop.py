@@ -26,7 +26,7 @@ import yaml
 
 from export.data.make_dataset import make_shapes
 from export.engine import load_checkpoint
-from export.experiments.common import DEFAULT_OUT, pyplot, write_json
+from export.experiments.common import DEFAULT_OUT, pyplot, save_figure, write_json
 from export.models import create_model, get_entry
 from export.train import BEST, CONFIG_FILE, CropEval, evaluate_crops, parse_args as train_args, train
 
@@ -103,10 +103,7 @@ def plot(result: TenCropResult, path: Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary(result: TenCropResult) -> dict:

@@ -102,3 +102,17 @@ def lenet_offline_predictions(model_repo: Path, mnist_heldout: tuple[np.ndarray,
                             for i in range(0, len(batch), 250)])
     classes = probs.argmax(axis=1).astype(np.int64)
     return OfflinePredictions(probabilities=probs, classes=classes, accuracy=float((classes == labels).mean()))
+
+
+@pytest.fixture(scope="session")
+def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model repository exactly as ``make run`` builds it (``imgserve build-repo``), built once.
+
+    Trains every default model on this machine's CPU (a few minutes), so only the tests that check
+    what ``make run`` serves (accuracy through the gateway, the documented commands) ask for it.
+    """
+    from export.build_repo import DEFAULT_BUILDERS, build_repository
+
+    root = tmp_path_factory.mktemp("default")
+    build_repository(root / "model_repository", DEFAULT_BUILDERS, runs_dir=root / "runs", progress=False)
+    return root / "model_repository"

@@ -110,9 +110,16 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Trains every default model on this machine's CPU (a few minutes), so only the tests that check
     what ``make run`` serves (accuracy through the gateway, the documented commands) ask for it.
+    For quick local iteration, IMGSERVE_TEST_DEFAULT_REPOSITORY names an already built one to reuse
+    (never set in CI, which always builds afresh).
     """
+    import os
+
     from export.build_repo import DEFAULT_BUILDERS, build_repository
 
+    prebuilt = os.environ.get("IMGSERVE_TEST_DEFAULT_REPOSITORY")
+    if prebuilt and not os.environ.get("CI"):
+        return Path(prebuilt).resolve()
     root = tmp_path_factory.mktemp("default")
     build_repository(root / "model_repository", DEFAULT_BUILDERS, runs_dir=root / "runs", progress=False)
     return root / "model_repository"

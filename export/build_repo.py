@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from export.progress import stage_line
 from serving.repository import CONFIG_FILE, RepositoryError, read_model, write_model
 from serving.settings import Settings
 
@@ -33,6 +34,7 @@ class BuildContext:
     gpu: bool = False       # train on CUDA when available, and mark the Triton instance group KIND_GPU
     epochs: int | None = None  # override each builder's epoch count (quick smoke builds)
     progress: bool = True
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # scratch shared by builders
 
 
 @dataclass(frozen=True)
@@ -73,42 +75,77 @@ def build_lenet5(ctx: BuildContext) -> BuiltModel:
     )
 
 
-# The shapes model: ResNet-20 (the CIFAR-style 6n+2 network) on generated shapes, 36 -> 32 px crops.
-# ImageNet-style ResNet-18 from scratch reaches only 20-55% on this data within the same few thousand
-# training images (docs/experiments/README.md), so the default repository serves ResNet-20.
-# configs/resnet20_shapes.yaml holds the same options (tests/test_train.py checks they agree).
-SHAPES_MODEL_NAME = "resnet20"
+# The shapes models: CIFAR-scale ResNet, AlexNet and DenseNet-BC, each trained from scratch by
+# ``imgserve train`` on one generated shapes dataset (36 -> 32 px crops). ImageNet-style ResNet-18
+# from scratch reaches only 20-55% on this data within the same few thousand training images
+# (docs/experiments/README.md), so the default repository serves the CIFAR-style nets.
+# configs/<name>_shapes.yaml hold the same options (tests/test_train.py checks they agree).
 SHAPES_DATA = {"train_per_class": 300, "val_per_class": 100, "size": 64, "seed": 0}
-SHAPES_TRAIN_OPTIONS: dict[str, str] = {
-    "model": "cifar_resnet20", "resize": "36", "crop": "32", "epochs": "4", "batch-size": "32", "lr": "0.05",
-    "momentum": "0.9", "weight-decay": "0.0005", "sched": "cosine", "warmup-epochs": "0.3", "init": "kaiming",
-    "pca-std": "0.1", "hflip": "0.5", "seed": "0",
+_SHAPES_COMMON: dict[str, str] = {
+    "resize": "36", "crop": "32", "batch-size": "32", "momentum": "0.9", "weight-decay": "0.0005",
+    "sched": "cosine", "warmup-epochs": "0.3", "init": "kaiming", "pca-std": "0.1", "hflip": "0.5", "seed": "0",
 }
 
 
-def build_shapes_resnet20(ctx: BuildContext) -> BuiltModel:
-    """Generate the shapes dataset, train ResNet-20 on it with ``imgserve train`` and export it."""
+@dataclass(frozen=True)
+class ShapesRecipe:
+    """One default shapes model: the served name, its ``imgserve train`` options and what it is."""
+
+    name: str
+    options: dict[str, str]
+    description: str
+    ten_crop_default: bool = False
+
+    @property
+    def config_file(self) -> str:
+        """The shipped config under configs/ that documents these options."""
+        return f"{self.name}_shapes.yaml"
+
+
+SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
+    ShapesRecipe("resnet20", {"model": "cifar_resnet20", **_SHAPES_COMMON, "epochs": "4", "lr": "0.05"},
+                 "ResNet-20 on generated shapes (32x32 RGB crops of 36x36)"),
+    ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "5", "lr": "0.02"},
+                 "AlexNet-style net (LRN, dropout, no BatchNorm) on generated shapes; 10-crop by default",
+                 ten_crop_default=True),
+    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "4", "lr": "0.1"},
+                 "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),
+)}
+SHAPES_MODEL_NAME = "resnet20"
+SHAPES_TRAIN_OPTIONS: dict[str, str] = SHAPES_RECIPES[SHAPES_MODEL_NAME].options
+
+
+def shapes_dataset(ctx: BuildContext) -> Path:
+    """The build's shapes dataset, generated on first use and shared by every shapes model."""
     from export.data.make_dataset import make_shapes
+
+    data = ctx.work_dir / "shapes"
+    if not (data / "dataset.json").is_file():
+        summary = make_shapes(data, workers=2, progress=ctx.progress, overwrite=True, **SHAPES_DATA)
+        stage_line(f"build-repo: generated {sum(summary.counts.values())} shapes images in {summary.seconds:.1f}s",
+                   enabled=ctx.progress)
+    return data
+
+
+def build_shapes_model(recipe: ShapesRecipe, ctx: BuildContext) -> BuiltModel:
+    """Train ``recipe`` on the shared shapes dataset with ``imgserve train`` and export it as ``recipe.name``."""
     from export.train import parse_args, train
 
-    run_dir = ctx.runs_dir / SHAPES_MODEL_NAME
-    with tempfile.TemporaryDirectory(prefix="imgserve-shapes-") as tmp:
-        data = Path(tmp) / "shapes"
-        make_shapes(data, workers=2, progress=ctx.progress, **SHAPES_DATA)
-        options = dict(SHAPES_TRAIN_OPTIONS)
-        if ctx.epochs is not None:
-            options["epochs"] = str(ctx.epochs)
-        argv = [item for key, value in options.items() for item in (f"--{key}", value)]
-        argv += ["--data", str(data), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
-                 "--name", SHAPES_MODEL_NAME, "--no-ten-crop-default",
-                 "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
-        if ctx.gpu:
-            argv.append("--export-gpu")
-        result = train(parse_args(argv))
+    run_dir = ctx.runs_dir / recipe.name
+    options = dict(recipe.options)
+    if ctx.epochs is not None:
+        options["epochs"] = str(ctx.epochs)
+    argv = [item for key, value in options.items() for item in (f"--{key}", value)]
+    argv += ["--data", str(shapes_dataset(ctx)), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
+             "--name", recipe.name, "--ten-crop-default" if recipe.ten_crop_default else "--no-ten-crop-default",
+             "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
+    if ctx.gpu:
+        argv.append("--export-gpu")
+    result = train(parse_args(argv))
     final = result.final
     assert final is not None and final.ten_crop_acc is not None
     return BuiltModel(
-        name=SHAPES_MODEL_NAME,
+        name=recipe.name,
         summary=(f"val accuracy {final.center_acc:.4f} (10-crop {final.ten_crop_acc:.4f}) on {final.samples} "
                  f"held-out shapes (train {result.train_seconds:.1f}s, export {result.export_seconds or 0.0:.1f}s)"),
         run_dir=run_dir,
@@ -117,10 +154,14 @@ def build_shapes_resnet20(ctx: BuildContext) -> BuiltModel:
     )
 
 
+def _shapes_builder(recipe: ShapesRecipe) -> DefaultModel:
+    return DefaultModel(recipe.name, recipe.description, lambda ctx: build_shapes_model(recipe, ctx))
+
+
 # Builders run in this order; other trainers append theirs (one function each).
 DEFAULT_BUILDERS: list[DefaultModel] = [
     DefaultModel("lenet5", "LeNet-5 on MNIST digits (28x28 greyscale)", build_lenet5),
-    DefaultModel(SHAPES_MODEL_NAME, "ResNet-20 on generated shapes (32x32 RGB crops of 36x36)", build_shapes_resnet20),
+    *(_shapes_builder(recipe) for recipe in SHAPES_RECIPES.values()),
 ]
 
 
@@ -148,16 +189,22 @@ def build_repository(repo: Path, builders: list[DefaultModel], *, runs_dir: Path
     repo = Path(repo).resolve()
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
+    work = Path(tempfile.mkdtemp(prefix="imgserve-build-"))
     try:
-        ctx = BuildContext(repo=staging, runs_dir=Path(runs_dir), gpu=gpu, epochs=epochs, progress=progress)
+        ctx = BuildContext(repo=staging, runs_dir=Path(runs_dir), gpu=gpu, epochs=epochs, progress=progress,
+                           work_dir=work)
         built = []
         for builder in builders:
-            print(f"build-repo: building {builder.name} ({builder.description})", file=sys.stderr, flush=True)
+            stage_line(f"build-repo: building {builder.name} ({builder.description})", enabled=progress)
+            start = time.perf_counter()
             built.append(builder.build(ctx))
+            stage_line(f"build-repo: {builder.name} done in {time.perf_counter() - start:.0f}s: {built[-1].summary}",
+                       enabled=progress)
         versions = dict(publish(staging, repo))
         return [(b, versions[b.name]) for b in built]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

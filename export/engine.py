@@ -20,7 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from export.progress import progress_bar
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -99,7 +100,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
         model.to(memory_format=torch.channels_last)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    bar = progress_bar(loader, enabled=progress, desc=desc, leave=False, unit="batch")
     for images, targets in bar:
         images = _to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)

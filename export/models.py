@@ -20,6 +20,7 @@ MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 
 Builder = Callable[[int], nn.Module]
+DENSENET_BC_DEPTH = 22  # the registry's cifar_densenet_bc: k=12, 3 blocks of 3 bottleneck layers
 
 
 @dataclass(frozen=True)
@@ -208,3 +209,93 @@ def _cifar(depth: int, residual: bool) -> Builder:
 for _depth in (20, 56):
     register_model(f"cifar_resnet{_depth}", resize=36, crop=32)(_cifar(_depth, True))
     register_model(f"cifar_plain{_depth}", resize=36, crop=32)(_cifar(_depth, False))
+
+
+# ------------------------------------------------------------------ CIFAR-scale AlexNet and DenseNet-BC
+
+class CifarAlexNet(nn.Module):
+    """AlexNet's design (Krizhevsky et al. 2012) at 32x32: five conv layers with ReLU, local response
+    normalization after the first two, overlapping 3x3/2 max-pooling, and a three-layer classifier with
+    p=0.5 dropout. No BatchNorm, as in the paper. Widths are cut so it trains in a CPU minute."""
+
+    def __init__(self, num_classes: int = 10, *, width: int = 48, hidden: int = 512, in_channels: int = 3) -> None:
+        super().__init__()
+        w = width
+
+        def lrn() -> nn.Module:
+            return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)  # the paper's constants
+
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2),   # 32 -> 15
+            nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2),        # 15 -> 7
+            nn.Conv2d(2 * w, 3 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(3 * w, 3 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(3 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),            # 7 -> 3
+        )
+        self.pool = nn.AdaptiveAvgPool2d(3)  # other crop sizes still reach the classifier as 3x3
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.5), nn.Linear(2 * w * 9, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+class _DenseLayer(nn.Module):
+    """DenseNet-BC's bottleneck layer: BN-ReLU-1x1 conv (4k) then BN-ReLU-3x3 conv (k); its k maps are
+    concatenated to everything before it."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth), nn.ReLU(inplace=True), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+class CifarDenseNet(nn.Module):
+    """DenseNet-BC for 32x32 inputs (Huang et al. 2017, sec. 3): a 3x3 conv to 2k maps, three dense
+    blocks of (depth - 4) / 6 bottleneck layers, transitions that halve the maps (compression 0.5)
+    and the resolution, then BN-ReLU, global average pooling and a linear classifier."""
+
+    def __init__(self, depth: int, num_classes: int = 10, *, growth: int = 12, in_channels: int = 3) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"DenseNet-BC depth must be 6n+4 with n >= 1 (10, 16, 22, ... 100), got {depth}")
+        n = (depth - 4) // 6
+        channels = 2 * growth
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)]
+        for block in range(3):
+            for _ in range(n):
+                layers.append(_DenseLayer(channels, growth))
+                channels += growth
+            if block < 2:
+                out = channels // 2
+                layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, out, 1, bias=False),
+                           nn.AvgPool2d(2)]
+                channels = out
+        layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# AlexNet keeps its 10-crop default at this scale too; the default repository serves both on shapes.
+@register_model("cifar_alexnet", resize=36, crop=32, ten_crop_default=True)
+def cifar_alexnet(num_classes: int) -> nn.Module:
+    return CifarAlexNet(num_classes)
+
+
+@register_model("cifar_densenet_bc", resize=36, crop=32)
+def cifar_densenet_bc(num_classes: int) -> nn.Module:
+    return CifarDenseNet(DENSENET_BC_DEPTH, num_classes)

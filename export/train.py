@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
 from export.data.augment import (PCA_ALPHA_STD, RGBPCA, eval_transform, rgb_pca_of_images, ten_crop_transform,
                                  train_transform)
@@ -46,6 +45,7 @@ from export.data.imagefolder import (DatasetError, check_same_classes, image_fol
 from export.engine import (MetricsLog, load_checkpoint, save_checkpoint, seed_everything, stats_dict,
                            train_one_epoch, validate)
 from export.models import ModelEntry, create_model, get_entry, list_models
+from export.progress import progress_bar
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.pt"
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--ten-crop-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the best checkpoint with 10-crop averaging as well as the centre crop")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="report progress: a line per epoch, plus live bars when stderr is a terminal")
 
     g = parser.add_argument_group("export")
     g.add_argument("--export-to", type=Path, default=None, help="model repository to export the best checkpoint into")
@@ -320,7 +321,7 @@ def evaluate_crops(model: nn.Module, val_dir: Path, *, resize: int, crop: int, e
         correct, nll, n = 0, 0.0, 0
         class_hits = torch.zeros(len(ds.classes))
         class_count = torch.zeros(len(ds.classes))
-        bar = tqdm(loader, desc=f"eval {per_image}-crop", leave=False, disable=not progress, unit="batch")
+        bar = progress_bar(loader, enabled=progress, desc=f"eval {per_image}-crop", leave=False, unit="batch")
         for images, targets in bar:
             b = images.shape[0]
             x = images.reshape(b * per_image, *images.shape[-3:])

@@ -36,6 +36,8 @@ def _labels(n: int) -> list[str]:
     "resnet18",
     pytest.param("resnet50", marks=pytest.mark.slow),
     pytest.param("densenet121", marks=pytest.mark.slow),
+    "cifar_alexnet",
+    "cifar_densenet_bc",
 ])
 def test_registry_models_export_with_parity(arch: str, tmp_path: Path) -> None:
     entry = get_entry(arch)
@@ -141,10 +143,31 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path: Path) -> 
     assert not any(tmp_path.iterdir())
 
 
-def test_parity_failure_raises_and_writes_nothing(tmp_path: Path) -> None:
-    """With a zero tolerance the (tiny, nonzero) float differences of a resnet must be caught."""
+def test_parity_failure_raises_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ONNX file that computes something else than the PyTorch model is caught at the default tolerance.
+
+    The exporter is made to trace a copy of the model whose classifier bias is shifted, the kind of
+    divergence a broken export produces (a wrong constant folded in), so the check has a real
+    difference to find rather than float noise that may or may not exist on a given CPU.
+    """
+    import copy
+
+    import export.onnx_export as onnx_export
+
+    real_export = onnx_export.export_onnx
+
+    def export_a_different_model(graph, path, **kwargs):  # type: ignore[no-untyped-def]
+        wrong = copy.deepcopy(graph)
+        with torch.no_grad():
+            wrong.model.fc.bias.add_(torch.linspace(-1.0, 1.0, wrong.model.fc.bias.numel()))
+        return real_export(wrong, path, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_a_different_model)
     torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=3)
+    model = create_model("cifar_resnet20", num_classes=3)
     with pytest.raises(ExportError, match="parity"):
-        export_to_repository(model, get_entry("resnet18"), tmp_path, "m", _labels(3), crop=32, atol=0.0)
+        export_to_repository(model, get_entry("cifar_resnet20"), tmp_path, "m", _labels(3))
     assert not (tmp_path / "m").exists()
+    # The same model through the real exporter passes, so it is the divergence that was caught.
+    monkeypatch.setattr(onnx_export, "export_onnx", real_export)
+    assert export_to_repository(model, get_entry("cifar_resnet20"), tmp_path, "m", _labels(3)).version == 1

@@ -1,90 +1,138 @@
-"""Issue #4's acceptance: generate shapes, train (CPU minutes) to >= 90%, export, serve, same accuracy via the SDK.
+"""What ``make run`` serves: every default model, trained from scratch, is accurate through the real gateway.
 
-Every step is the real thing: ``imgserve make-dataset`` and ``imgserve train
---export-to`` run as subprocesses, the gateway is a real ``imgserve serve``
-process on free ports, and the held-out PNG files travel through the SDK over
-gRPC (and, for a sample, HTTP). The gateway's accuracy, with the centre crop
-and with 10-crop averaging, must match what training measured on the same
-files, since both do the same resize and crops (see tests/test_augment.py).
+The repository is the one ``imgserve build-repo`` builds (the ``default_repository``
+fixture: LeNet-5 on MNIST, and ResNet-20, an AlexNet-style net and a DenseNet-BC
+on generated shapes). The gateway is a real ``imgserve serve`` process on free
+ports, and images travel as PNG files through the SDK over gRPC (and a sample over
+HTTP).
+
+Accuracy is measured on shapes the training never saw: a fresh held-out set drawn
+with another generator seed. Thresholds carry a margin over the worst of five
+seeds measured on two CPUs (see the module constants), so another CPU's rounding,
+which trains to other weights, does not flip them.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from clients.sdk import ImageClient
-from tests.procs import ROOT, imgserve_executable, run_gateway
+from export.build_repo import SHAPES_DATA, SHAPES_RECIPES
+from export.data.make_dataset import make_shapes
+from tests.procs import run_gateway
 
 pytestmark = pytest.mark.slow
 
-NAME = "resnet20"
 BATCH = 50
-MIN_ACCURACY = 0.90
-TOLERANCE = 0.005  # ONNX Runtime vs PyTorch float noise may flip a borderline image or five in 1000
-
-
-def _run(args: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess[str], float]:
-    start = time.perf_counter()
-    proc = subprocess.run([str(imgserve_executable()), *args], capture_output=True, text=True, timeout=timeout_s,
-                          cwd=ROOT)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, f"imgserve {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc, seconds
+# Issue #7's bar for every default shapes model, through the gateway, centre crop.
+MIN_ACCURACY = 0.95
+# 10-crop averages ten views of a 36 px image; on 32 px crops of centred shapes it mostly agrees with the
+# centre crop and may lose a few images to a corner crop that cuts a shape. It must never cost more than this.
+MAX_TEN_CROP_LOSS = 0.02
+# The gateway and training compute the same crops; ONNX Runtime vs PyTorch float noise may flip a few
+# borderline images out of 1000.
+SERVED_VS_TRAINING = 0.005
+HELDOUT_SEED = 1  # the default build trains and validates on seed 0
+HELDOUT_PER_CLASS = 50
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("shapes_e2e")
-    data, run, repo = tmp / "data", tmp / "run", tmp / "repo"
-    _, gen_s = _run(["make-dataset", "shapes", "--out", str(data), "--workers", "2", "--no-progress"], 300)
-    proc, train_s = _run(["train", "--config", str(ROOT / "configs" / "resnet20_shapes.yaml"), "--data", str(data),
-                          "--output", str(run), "--export-to", str(repo), "--name", NAME, "--no-progress"], 900)
-    summary = json.loads((run / "metrics.json").read_text())["summary"]
-    print(f"\nshapes e2e: generate {gen_s:.0f}s, train+eval+export {train_s:.0f}s "
-          f"(training {summary['train_seconds']:.0f}s, export {summary['export_seconds']:.1f}s); "
-          f"val centre {summary['center_crop_acc']:.4f}, 10-crop {summary['ten_crop_acc']:.4f}", file=sys.stderr)
-    val = sorted((data / "val").glob("*/*.png"))
-    return {"summary": summary, "repo": repo, "val": val, "stdout": proc.stdout}
+def heldout(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """500 shapes images (50 per class) from a generator seed that no default model trained or chose on."""
+    root = tmp_path_factory.mktemp("heldout_shapes")
+    make_shapes(root, train_per_class=1, val_per_class=HELDOUT_PER_CLASS, size=SHAPES_DATA["size"],
+                seed=HELDOUT_SEED, workers=2, progress=False)
+    return sorted((root / "val").glob("*/*.png"))
 
 
-def _served_accuracy(client: ImageClient, files: list[Path], *, ten_crop: bool) -> tuple[float, list[str]]:
+@pytest.fixture(scope="module")
+def training_val(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The build's own validation split, regenerated (the generator is deterministic per seed)."""
+    root = tmp_path_factory.mktemp("training_shapes")
+    make_shapes(root, train_per_class=1, val_per_class=SHAPES_DATA["val_per_class"], size=SHAPES_DATA["size"],
+                seed=SHAPES_DATA["seed"], workers=2, progress=False)
+    return sorted((root / "val").glob("*/*.png"))
+
+
+@pytest.fixture(scope="module")
+def gateway(default_repository: Path):  # type: ignore[no-untyped-def]
+    with run_gateway(default_repository, extra_args=["--preprocess-threads", "1", "--backend-threads", "1"]) as gw:
+        yield gw
+
+
+def _served(client: ImageClient, name: str, files: list[Path], *, ten_crop: bool | None) -> tuple[float, list[str]]:
+    """Accuracy of ``name`` on ``files`` (label = parent folder), and the predicted labels in order."""
     labels: list[str] = []
     for i in range(0, len(files), BATCH):
         chunk = files[i:i + BATCH]
-        result = client.classify([f.read_bytes() for f in chunk], NAME, top_k=1, ten_crop=ten_crop)
-        assert len(result) == len(chunk) and result.ten_crop is ten_crop
+        result = client.classify([f.read_bytes() for f in chunk], name, top_k=1, ten_crop=ten_crop)
+        assert len(result) == len(chunk)
         labels += [p.label for p in result.top1]
     truth = [f.parent.name for f in files]
     return sum(a == b for a, b in zip(labels, truth)) / len(files), labels
 
 
-def test_training_reaches_the_target(trained: dict) -> None:
-    summary = trained["summary"]
-    assert summary["model"] == "cifar_resnet20" and summary["num_classes"] == 10
-    assert summary["val_samples"] == len(trained["val"]) == 1000
-    assert summary["center_crop_acc"] >= MIN_ACCURACY
-    assert summary["ten_crop_acc"] >= summary["center_crop_acc"]
-    assert "centre crop" in trained["stdout"] and "10-crop" in trained["stdout"]
+def _training_summary(default_repository: Path, name: str) -> dict:
+    return json.loads((default_repository.parent / "runs" / name / "metrics.json").read_text())["summary"]
 
 
-def test_served_accuracy_matches_training(trained: dict) -> None:
-    summary, files = trained["summary"], trained["val"]
-    with run_gateway(trained["repo"], extra_args=["--preprocess-threads", "1", "--backend-threads", "1"]) as gw:
-        with ImageClient(gw.grpc_target, timeout=120) as client:
-            info = client.model(NAME)
-            assert (info.num_classes, info.resize, info.crop, info.channels) == (10, 36, 32, 3)
-            assert info.ten_crop_default is False
-            centre, grpc_labels = _served_accuracy(client, files, ten_crop=False)
-            ten, _ = _served_accuracy(client, files, ten_crop=True)
-        with ImageClient(gw.http_url, timeout=120) as http:
-            _, http_labels = _served_accuracy(http, files[:100], ten_crop=False)
-    print(f"\nserved through the gateway: centre {centre:.4f}, 10-crop {ten:.4f}", file=sys.stderr)
-    assert centre >= MIN_ACCURACY
-    assert abs(centre - summary["center_crop_acc"]) <= TOLERANCE
-    assert abs(ten - summary["ten_crop_acc"]) <= TOLERANCE
+def test_default_repository_serves_all_three_families(gateway) -> None:  # type: ignore[no-untyped-def]
+    with ImageClient(gateway.grpc_target, timeout=60) as client:
+        models = {m.name: m for m in client.models()}
+    assert set(models) == {"lenet5", *SHAPES_RECIPES}
+    for name, recipe in SHAPES_RECIPES.items():
+        info = models[name]
+        assert (info.num_classes, info.resize, info.crop, info.channels) == (10, 36, 32, 3)
+        assert info.ten_crop_default is recipe.ten_crop_default
+    assert models["alexnet_cifar"].ten_crop_default is True  # AlexNet's own test-time recipe
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES_RECIPES))
+def test_each_shapes_model_is_accurate_on_unseen_shapes(gateway, heldout: list[Path], name: str) -> None:  # type: ignore[no-untyped-def]
+    with ImageClient(gateway.grpc_target, timeout=120) as client:
+        centre, _ = _served(client, name, heldout, ten_crop=False)
+        ten, _ = _served(client, name, heldout, ten_crop=True)
+        default, _ = _served(client, name, heldout[:100], ten_crop=None)
+    print(f"\n{name} on {len(heldout)} unseen shapes: centre {centre:.4f}, 10-crop {ten:.4f}")
+    assert centre >= MIN_ACCURACY, f"{name}: centre-crop accuracy {centre:.4f} < {MIN_ACCURACY}"
+    assert ten >= MIN_ACCURACY, f"{name}: 10-crop accuracy {ten:.4f} < {MIN_ACCURACY}"
+    assert ten >= centre - MAX_TEN_CROP_LOSS
+    assert default >= MIN_ACCURACY - 0.03  # the model's default mode on a 100-image sample
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES_RECIPES))
+def test_served_accuracy_matches_training(gateway, default_repository: Path, training_val: list[Path],  # type: ignore[no-untyped-def]
+                                          name: str) -> None:
+    summary = _training_summary(default_repository, name)
+    assert summary["val_samples"] == len(training_val) == 1000
+    with ImageClient(gateway.grpc_target, timeout=120) as client:
+        centre, grpc_labels = _served(client, name, training_val, ten_crop=False)
+        ten, _ = _served(client, name, training_val, ten_crop=True)
+    with ImageClient(gateway.http_url, timeout=120) as http:
+        _, http_labels = _served(http, name, training_val[:100], ten_crop=False)
+    assert abs(centre - summary["center_crop_acc"]) <= SERVED_VS_TRAINING
+    assert abs(ten - summary["ten_crop_acc"]) <= SERVED_VS_TRAINING
     assert http_labels == grpc_labels[:100]
+
+
+def test_lenet5_is_accurate_through_the_gateway(gateway, mnist_heldout) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from PIL import Image
+
+    images, labels = mnist_heldout
+
+    def png(a) -> bytes:  # type: ignore[no-untyped-def]
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    predicted: list[int] = []
+    with ImageClient(gateway.grpc_target, timeout=120) as client:
+        for i in range(0, len(images), 250):
+            result = client.classify([png(a) for a in images[i:i + 250]], "lenet5", top_k=1)
+            predicted += [int(p.label) for p in result.top1]
+    accuracy = sum(int(p == t) for p, t in zip(predicted, labels)) / len(labels)
+    assert accuracy >= 0.975  # the build's seed-0 LeNet; the 98% median over seeds is in test_mnist_lenet.py

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tqdm.auto import tqdm
-
 from export.data.shapes import MAX_SIZE, MIN_SIZE, SHAPES, ShapesConfig, generate
+from export.progress import progress_bar
 
 MANIFEST = "dataset.json"
 GENERATOR_VERSION = 1  # bump when the drawing code changes what a seed produces
@@ -72,7 +71,7 @@ def make_shapes(out: Path, *, classes: int = 10, train_per_class: int = 300, val
 
     start = time.perf_counter()
     total = len(config.class_names) * sum(per_split.values())
-    bar = tqdm(total=total, desc=f"shapes -> {out}", unit="img", disable=not progress)
+    bar = progress_bar(total=total, enabled=progress, desc=f"shapes -> {out}", unit="img")
     jobs = _jobs(config, out, per_split)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from export.data.shapes import ShapesConfig, generate
 from export.engine import seed_everything
 from export.models import IMAGENET_MEAN, IMAGENET_STD
+from export.progress import progress_bar
 
-DEFAULT_OUT = Path("docs/experiments")
+# Runs write here unless told otherwise; the committed results under docs/experiments/ are refreshed only
+# by asking for them (--out docs/experiments), so trying an experiment never rewrites tracked files.
+DEFAULT_OUT = Path("runs/experiments")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def shapes_tensors(split: str, *, per_class: int, res: int, classes: int = 10, s
     """
     config = ShapesConfig(classes=classes, size=size, seed=seed)
     images, labels = [], []
-    bar = tqdm(total=classes * per_class, desc=f"shapes {split}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=classes * per_class, enabled=progress, desc=f"shapes {split}", unit="img", leave=False)
     for c in range(classes):
         for i in range(per_class):
             img = generate(config, split, c, i)

@@ -27,11 +27,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from export.experiments.common import (DEFAULT_OUT, TensorData, batches, chance_loss, load_data, pick_device, pyplot,
                                        save_figure, seeded, write_json)
+from export.experiments.seeds import Effect, Spread, effect, seed_range
 from export.models import init_weights
+from export.progress import progress_bar, stage_line
 
 SCHEMES = ("kaiming", "lecun")
 SCHEME_LABEL = {"kaiming": "He: Var[w] = 2/n", "lecun": "Var[w] = 1/n"}
@@ -98,6 +99,7 @@ class InitResult:
     lr: float
     chance_loss: float
     runs: dict[str, SchemeRun]
+    seed: int = 0
 
     @property
     def he_learns(self) -> bool:
@@ -125,8 +127,8 @@ def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int,
     for epoch in range(epochs):
         model.train()
         total, n = 0.0, 0
-        for idx in tqdm(batches(len(train.y), batch_size, gen), desc=f"{desc} epoch {epoch + 1}", leave=False,
-                        disable=not progress):
+        for idx in progress_bar(batches(len(train.y), batch_size, gen), enabled=progress,
+                                desc=f"{desc} epoch {epoch + 1}", leave=False):
             x, y = train.x[idx].to(device), train.y[idx].to(device)
             loss = criterion(model(x), y)
             if not torch.isfinite(loss):
@@ -164,26 +166,34 @@ def run_init_experiment(*, data: str = "mnist", arch: str = "mlp", depth: int = 
         epoch_loss, iter_loss, acc = _train(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size,
                                             seed=seed, device=dev, progress=progress, desc=scheme)
         runs[scheme] = SchemeRun(scheme, layer_std, epoch_loss, iter_loss, acc, time.perf_counter() - start)
-    return InitResult(data, arch, depth, width, train.x.shape[-1], epochs, lr, chance_loss(train.num_classes), runs)
+    return InitResult(data, arch, depth, width, train.x.shape[-1], epochs, lr, chance_loss(train.num_classes), runs,
+                      seed)
 
 
-def plot(result: InitResult, path: Path) -> Path:
+def plot(results: Sequence[InitResult], path: Path) -> Path:
+    """Per-layer std at init and the training loss, one thin line per seed."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for scheme, run in result.runs.items():
-        layers = range(1, len(run.layer_std) + 1)
-        ax1.semilogy(layers, run.layer_std, marker="o", markersize=3, label=SCHEME_LABEL[scheme])
-        steps = torch.tensor(run.iter_loss)
-        k = max(1, len(steps) // 100)
-        smooth = steps[: len(steps) // k * k].view(-1, k).mean(1) if k > 1 else steps
-        ax2.plot([(i + 0.5) * k for i in range(len(smooth))], smooth.tolist(), label=SCHEME_LABEL[scheme])
+    colours = {"kaiming": "tab:blue", "lecun": "tab:orange"}
+    for n, result in enumerate(results):
+        for scheme, run in result.runs.items():
+            label = f"{SCHEME_LABEL[scheme]} ({len(results)} seeds)" if n == 0 else None
+            layers = range(1, len(run.layer_std) + 1)
+            ax1.semilogy(layers, run.layer_std, marker="o", markersize=2, color=colours[scheme], alpha=0.6,
+                         label=label)
+            steps = torch.tensor(run.iter_loss)
+            k = max(1, len(steps) // 100)
+            smooth = steps[: len(steps) // k * k].view(-1, k).mean(1) if k > 1 else steps
+            ax2.plot([(i + 0.5) * k for i in range(len(smooth))], smooth.tolist(), color=colours[scheme], alpha=0.6,
+                     label=label)
+    first = results[0]
     ax1.set_xlabel("layer")
     ax1.set_ylabel("std of pre-activations at init")
-    ax1.set_title(f"{result.depth}-layer plain ReLU {result.arch} on {result.data}: signal at init")
-    ax2.axhline(result.chance_loss, color="grey", linestyle=":", label="chance (ln K)")
+    ax1.set_title(f"{first.depth}-layer plain ReLU {first.arch} on {first.data}: signal at init")
+    ax2.axhline(first.chance_loss, color="grey", linestyle=":", label="chance (ln K)")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss")
-    ax2.set_title(f"training (SGD, lr {result.lr}, momentum 0.9)")
+    ax2.set_title(f"training (SGD, lr {first.lr}, momentum 0.9)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -200,6 +210,35 @@ def summary(result: InitResult) -> dict:
     return data
 
 
+def effects(results: Sequence[InitResult]) -> dict[str, Effect]:
+    """Each claim as a margin per seed (positive: it held)."""
+    return {
+        "he_below_chance": effect("He init's final loss below chance",
+                                  [r.chance_loss - r.runs["kaiming"].epoch_loss[-1] for r in results]),
+        "he_beats_one_over_n": effect("He init's final loss below 1/n init's",
+                                      [r.runs["lecun"].epoch_loss[-1] - r.runs["kaiming"].epoch_loss[-1]
+                                       for r in results]),
+        "he_val_acc_gain": effect("He init's val accuracy above 1/n init's",
+                                  [r.runs["kaiming"].val_acc - r.runs["lecun"].val_acc for r in results]),
+    }
+
+
+def multi_seed_summary(results: Sequence[InitResult]) -> dict:
+    """The JSON an experiment writes: every seed's run, the spread of each number, and each claim's effect."""
+    first = results[0]
+    return {
+        "setup": {"data": first.data, "arch": first.arch, "depth": first.depth, "width": first.width,
+                  "res": first.res, "epochs": first.epochs, "lr": first.lr, "chance_loss": first.chance_loss},
+        "seeds": [r.seed for r in results],
+        "spread": {scheme: {"final_loss": asdict(Spread.of([r.runs[scheme].epoch_loss[-1] for r in results])),
+                            "val_acc": asdict(Spread.of([r.runs[scheme].val_acc for r in results])),
+                            "std_last_over_first": asdict(Spread.of([r.std_decay[scheme] for r in results]))}
+                   for scheme in SCHEMES},
+        "effects": {k: e.to_dict() for k, e in effects(results).items()},
+        "runs": [summary(r) for r in results],
+    }
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.experiments.init_depth", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("mnist", "shapes"), default="mnist")
@@ -210,10 +249,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=None, help="random training subset (default: all)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds to repeat over (from --seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and the plot go")
     return p.parse_args(list(argv))
 
 
@@ -222,19 +262,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     width = args.width or (256 if args.arch == "mlp" else 16)
-    result = run_init_experiment(data=args.data, arch=args.arch, depth=args.depth, width=width, res=args.res,
-                                 train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                                 device=args.device, progress=True)
+    results = []
+    for seed in seed_range(args.seed, args.seeds):
+        result = run_init_experiment(data=args.data, arch=args.arch, depth=args.depth, width=width, res=args.res,
+                                     train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, seed=seed,
+                                     device=args.device, progress=True)
+        results.append(result)
+        for scheme, run in result.runs.items():
+            stage_line(f"seed {seed} {SCHEME_LABEL[scheme]:>18}: std last/first at init "
+                       f"{result.std_decay[scheme]:.3g}, train loss {run.epoch_loss[0]:.3f} -> "
+                       f"{run.epoch_loss[-1]:.3f} (chance {result.chance_loss:.3f}), val acc {run.val_acc:.3f}, "
+                       f"{run.seconds:.1f}s")
     stem = f"init_depth_{args.arch}_{args.data}"
-    write_json(args.out / f"{stem}.json", summary(result))
-    plot(result, args.out / f"{stem}.png")
-    for scheme, run in result.runs.items():
-        print(f"{SCHEME_LABEL[scheme]:>18}: std last/first at init {result.std_decay[scheme]:.3g}, "
-              f"train loss {run.epoch_loss[0]:.3f} -> {run.epoch_loss[-1]:.3f} (chance {result.chance_loss:.3f}), "
-              f"val acc {run.val_acc:.3f}, {run.seconds:.1f}s")
-    print(f"He init learns: {result.he_learns}; 1/n init stalls: {result.small_init_stalls}; "
-          f"wrote {args.out / stem}.json/.png")
-    return 0 if result.he_learns and result.small_init_stalls else 1
+    write_json(args.out / f"{stem}.json", multi_seed_summary(results))
+    plot(results, args.out / f"{stem}.png")
+    found = effects(results)
+    for e in found.values():
+        print(e.describe())
+    print(f"wrote {args.out / stem}.json/.png")
+    return 0 if all(e.spread.mean > 0 for e in found.values()) else 1
 
 
 if __name__ == "__main__":

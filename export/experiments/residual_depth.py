@@ -27,11 +27,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from export.experiments.common import (DEFAULT_OUT, TensorData, batches, load_data, pick_device, pyplot, save_figure,
                                        seeded, write_json)
+from export.experiments.seeds import Effect, Spread, effect, seed_range
 from export.models import CifarNet, init_weights
+from export.progress import progress_bar, stage_line
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ResidualResult:
     epochs: int
     lr: float
     runs: dict[str, NetRun]
+    seed: int = 0
 
     def run(self, depth: int, residual: bool) -> NetRun:
         return self.runs[net_name(depth, residual)]
@@ -98,8 +100,8 @@ def _train(model: nn.Module, train: TensorData, val: TensorData, *, epochs: int,
     for epoch in range(epochs):
         model.train()
         loss_sum, wrong, n = 0.0, 0, 0
-        for idx in tqdm(batches(len(train.y), batch_size, gen), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                        leave=False, disable=not progress):
+        for idx in progress_bar(batches(len(train.y), batch_size, gen), enabled=progress,
+                                desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             x, y = train.x[idx], train.y[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).to(device)
@@ -144,24 +146,30 @@ def run_residual_experiment(*, data: str = "mnist", depths: Sequence[int] = (20,
                                          device=dev, progress=progress, desc=name)
             runs[name] = NetRun(name, depth, residual, sum(p.numel() for p in model.parameters()), losses, errors,
                                 acc, time.perf_counter() - start)
-    return ResidualResult(data, tuple(sorted(depths)), width, train.x.shape[-1], epochs, lr, runs)
+    return ResidualResult(data, tuple(sorted(depths)), width, train.x.shape[-1], epochs, lr, runs, seed)
 
 
-def plot(result: ResidualResult, path: Path) -> Path:
+def plot(results: Sequence[ResidualResult], path: Path) -> Path:
+    """Training error per epoch, plain (left) and residual (right): the mean over seeds, and the range shaded."""
     plt = pyplot()
+    first = results[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, residual in zip(axes, (False, True)):
-        for depth in result.depths:
-            run = result.run(depth, residual)
-            epochs = range(1, len(run.train_error) + 1)
-            ax.plot(epochs, [100 * e for e in run.train_error], marker="o", markersize=3,
-                    label=f"{run.name} (val acc {run.val_acc:.3f})")
-        ax.set_title(f"{'residual' if residual else 'plain'} nets on {result.data}, width {result.width}, "
-                     f"{result.res}x{result.res}")
+        for depth in first.depths:
+            curves = torch.tensor([r.run(depth, residual).train_error for r in results]) * 100
+            epochs = list(range(1, curves.shape[1] + 1))
+            acc = Spread.of([r.run(depth, residual).val_acc for r in results])
+            line, = ax.plot(epochs, curves.mean(0).tolist(), marker="o", markersize=3,
+                            label=f"{net_name(depth, residual)} (val acc {acc.format(3)})")
+            if len(results) > 1:
+                ax.fill_between(epochs, curves.min(0).values.tolist(), curves.max(0).values.tolist(),
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{'residual' if residual else 'plain'} nets on {first.data}, width {first.width}, "
+                     f"{first.res}x{first.res}, {len(results)} seeds")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0].set_ylabel("training error (%)")
+    axes[0].set_ylabel("training error (%), mean and range over seeds")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -171,6 +179,35 @@ def summary(result: ResidualResult) -> dict:
     data["claims"] = {"deep_residual_beats_plain": result.deep_residual_beats_plain,
                       "plain_degrades": result.plain_degrades}
     return data
+
+
+def effects(results: Sequence[ResidualResult]) -> dict[str, Effect]:
+    """The two claims as margins of final training loss per seed (positive: the claim held)."""
+    deep, shallow = max(results[0].depths), min(results[0].depths)
+    return {
+        "deep_residual_beats_plain": effect(
+            f"resnet-{deep} ends with a lower training loss than plain-{deep}",
+            [r.run(deep, False).train_loss[-1] - r.run(deep, True).train_loss[-1] for r in results]),
+        "plain_degrades": effect(
+            f"plain-{deep} ends with a higher training loss than plain-{shallow}",
+            [r.run(deep, False).train_loss[-1] - r.run(shallow, False).train_loss[-1] for r in results]),
+    }
+
+
+def multi_seed_summary(results: Sequence[ResidualResult]) -> dict:
+    """Every seed's runs, the spread of each net's final loss and val accuracy, and each claim's effect."""
+    first = results[0]
+    names = list(first.runs)
+    return {
+        "setup": {"data": first.data, "depths": list(first.depths), "width": first.width, "res": first.res,
+                  "epochs": first.epochs, "lr": first.lr},
+        "seeds": [r.seed for r in results],
+        "spread": {name: {"final_train_loss": asdict(Spread.of([r.runs[name].train_loss[-1] for r in results])),
+                          "val_acc": asdict(Spread.of([r.runs[name].val_acc for r in results]))}
+                   for name in names},
+        "effects": {k: e.to_dict() for k, e in effects(results).items()},
+        "runs": [summary(r) for r in results],
+    }
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -183,10 +220,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=None, help="random training subset (default: all / 2000 shapes)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds to repeat over (from --seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and the plot go")
     return p.parse_args(list(argv))
 
 
@@ -194,18 +232,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_residual_experiment(data=args.data, depths=args.depths, width=args.width, res=args.res,
-                                     train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                                     device=args.device, progress=True)
+    results = []
+    for seed in seed_range(args.seed, args.seeds):
+        result = run_residual_experiment(data=args.data, depths=args.depths, width=args.width, res=args.res,
+                                         train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, seed=seed,
+                                         device=args.device, progress=True)
+        results.append(result)
+        for run in result.runs.values():
+            stage_line(f"seed {seed} {run.name:>10}: train loss {run.train_loss[-1]:.4f}, train error "
+                       f"{run.train_error[-1]:.4f}, val acc {run.val_acc:.4f}, {run.params} params, {run.seconds:.1f}s")
     stem = f"residual_depth_{args.data}"
-    write_json(args.out / f"{stem}.json", summary(result))
-    plot(result, args.out / f"{stem}.png")
-    for run in result.runs.values():
-        print(f"{run.name:>10}: train loss {run.train_loss[-1]:.4f}, train error {run.train_error[-1]:.4f}, "
-              f"val acc {run.val_acc:.4f}, {run.params} params, {run.seconds:.1f}s")
-    print(f"deep residual beats deep plain: {result.deep_residual_beats_plain}; "
-          f"plain degrades with depth: {result.plain_degrades}")
-    return 0 if result.deep_residual_beats_plain else 1
+    write_json(args.out / f"{stem}.json", multi_seed_summary(results))
+    plot(results, args.out / f"{stem}.png")
+    found = effects(results)
+    for e in found.values():
+        print(e.describe(4))
+    print(f"wrote {args.out / stem}.json/.png")
+    return 0 if found["deep_residual_beats_plain"].spread.mean > 0 else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ import yaml
 from export.data.make_dataset import make_shapes
 from export.engine import load_checkpoint
 from export.experiments.common import DEFAULT_OUT, pyplot, save_figure, write_json
+from export.experiments.seeds import Effect, Spread, effect, seed_range
 from export.models import create_model, get_entry
+from export.progress import stage_line
 from export.train import BEST, CONFIG_FILE, CropEval, evaluate_crops, parse_args as train_args, train
 
 
@@ -39,6 +41,7 @@ class TenCropResult:
     classes: list[str]
     eval: CropEval
     train_seconds: float | None
+    seed: int | None = None
 
     @property
     def ten_crop_at_least_as_accurate(self) -> bool:
@@ -68,8 +71,10 @@ def run_ten_crop_experiment(work_dir: Path, *, model: str = "cifar_resnet20", re
                             threads: int | None = None, data: Path | None = None,
                             progress: bool = False) -> TenCropResult:
     """Generate shapes (unless ``data`` is given), train with ``imgserve train``, compare the two evaluations."""
-    work_dir = Path(work_dir)
-    if data is None:
+    work_dir = Path(work_dir).resolve()
+    if data is not None:
+        data = Path(data).resolve()  # the run's config.yaml must name it wherever it is read from
+    else:
         data = work_dir / "shapes"
         make_shapes(data, train_per_class=train_per_class, val_per_class=val_per_class, size=size, seed=seed,
                     overwrite=True, progress=progress)
@@ -81,25 +86,32 @@ def run_ten_crop_experiment(work_dir: Path, *, model: str = "cifar_resnet20", re
         argv += ["--threads", str(threads)]
     result = train(train_args(argv))
     assert result.final is not None
-    return TenCropResult(model, resize, crop, result.classes, result.final, result.train_seconds)
+    return TenCropResult(model, resize, crop, result.classes, result.final, result.train_seconds, seed)
 
 
-def plot(result: TenCropResult, path: Path) -> Path:
+def plot(results: Sequence[TenCropResult], path: Path) -> Path:
+    """Per-class accuracy, centre crop vs 10-crop: the mean over seeds, with the range as error bars."""
     plt = pyplot()
-    ev = result.eval
-    assert ev.ten_crop_per_class is not None and ev.ten_crop_acc is not None
-    names = result.classes or [str(i) for i in range(len(ev.center_per_class))]
+    first = results[0]
+    names = first.classes or [str(i) for i in range(len(first.eval.center_per_class))]
     fig, ax = plt.subplots(figsize=(11, 4))
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [100 * a for a in ev.center_per_class], width=0.4,
-           label=f"centre crop ({100 * ev.center_acc:.1f}%)")
-    ax.bar([x + 0.2 for x in xs], [100 * a for a in ev.ten_crop_per_class], width=0.4,
-           label=f"10-crop ({100 * ev.ten_crop_acc:.1f}%)")
+    low = 100.0
+    for offset, label, per_class, overall in (
+            (-0.2, "centre crop", [r.eval.center_per_class for r in results], [r.eval.center_acc for r in results]),
+            (0.2, "10-crop", [r.eval.ten_crop_per_class or [] for r in results],
+             [r.eval.ten_crop_acc or 0.0 for r in results])):
+        values = torch.tensor(per_class) * 100
+        mean = values.mean(0)
+        low = min(low, float(values.min()))
+        err = [(mean - values.min(0).values).tolist(), (values.max(0).values - mean).tolist()]
+        ax.bar([x + offset for x in xs], mean.tolist(), width=0.4, yerr=err if len(results) > 1 else None,
+               capsize=3, label=f"{label} ({Spread.of(overall).format(2, 100)}%)")
     ax.set_xticks(list(xs), names, rotation=30)
-    low = min(ev.center_per_class + ev.ten_crop_per_class)
-    ax.set_ylim(max(0.0, 100 * low - 10), 100.5)
-    ax.set_ylabel("val accuracy (%)")
-    ax.set_title(f"{result.model} on shapes (resize {result.resize}, crop {result.crop}), {ev.samples} val images")
+    ax.set_ylim(max(0.0, low - 10), 100.5)
+    ax.set_ylabel("val accuracy (%), mean and range")
+    ax.set_title(f"{first.model} on shapes (resize {first.resize}, crop {first.crop}), {first.eval.samples} val images, "
+                 f"{len(results)} seed(s)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -112,10 +124,35 @@ def summary(result: TenCropResult) -> dict:
     return data
 
 
+def effects(results: Sequence[TenCropResult]) -> dict[str, Effect]:
+    """10-crop against the centre crop, per seed: accuracy gained and NLL saved (positive: 10-crop better)."""
+    return {
+        "accuracy_gain": effect("10-crop accuracy above the centre crop's",
+                                [(r.eval.ten_crop_acc or 0.0) - r.eval.center_acc for r in results]),
+        "nll_reduction": effect("10-crop NLL below the centre crop's",
+                                [r.eval.center_nll - (r.eval.ten_crop_nll or 0.0) for r in results]),
+    }
+
+
+def multi_seed_summary(results: Sequence[TenCropResult]) -> dict:
+    first = results[0]
+    return {
+        "setup": {"model": first.model, "resize": first.resize, "crop": first.crop, "samples": first.eval.samples},
+        "seeds": [r.seed for r in results],
+        "spread": {"center_acc": asdict(Spread.of([r.eval.center_acc for r in results])),
+                   "ten_crop_acc": asdict(Spread.of([r.eval.ten_crop_acc or 0.0 for r in results])),
+                   "center_nll": asdict(Spread.of([r.eval.center_nll for r in results])),
+                   "ten_crop_nll": asdict(Spread.of([r.eval.ten_crop_nll or 0.0 for r in results]))},
+        "effects": {k: e.to_dict() for k, e in effects(results).items()},
+        "runs": [summary(r) for r in results],
+    }
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.experiments.ten_crop", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=None, help="evaluate this finished train run instead of training")
-    p.add_argument("--data", type=Path, default=None, help="existing shapes ImageFolder (default: generate one)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="existing shapes ImageFolder shared by every seed (default: generate one per seed)")
     p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--resize", type=int, default=36)
     p.add_argument("--crop", type=int, default=32)
@@ -125,11 +162,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds to repeat over (from --seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work-dir", type=Path, default=None, help="where data and the run go (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--work-dir", type=Path, default=None, help="where data and the runs go (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and the plot go")
     return p.parse_args(list(argv))
 
 
@@ -138,23 +176,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    results: list[TenCropResult] = []
     if args.run is not None:
-        result = evaluate_run(args.run, device=args.device, progress=True)
+        results.append(evaluate_run(args.run, device=args.device, progress=True))
     else:
         with tempfile.TemporaryDirectory(prefix="imgserve-tencrop-") as tmp:
-            result = run_ten_crop_experiment(args.work_dir or Path(tmp), model=args.model, resize=args.resize,
-                                             crop=args.crop, epochs=args.epochs,
-                                             train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                             size=args.size, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                             device=args.device,
-                                             threads=args.threads, data=args.data, progress=True)
-    write_json(args.out / "ten_crop.json", summary(result))
-    plot(result, args.out / "ten_crop.png")
-    ev = result.eval
-    print(f"{result.model} (S={result.resize}, C={result.crop}) on {ev.samples} val images: centre crop "
-          f"{ev.center_acc:.4f} (NLL {ev.center_nll:.4f}), 10-crop {ev.ten_crop_acc:.4f} (NLL {ev.ten_crop_nll:.4f}); "
-          f"{time.perf_counter() - start:.0f}s")
-    return 0 if result.ten_crop_at_least_as_accurate else 1
+            for seed in seed_range(args.seed, args.seeds):
+                work = (args.work_dir or Path(tmp)) / f"seed{seed}"
+                results.append(run_ten_crop_experiment(
+                    work, model=args.model, resize=args.resize, crop=args.crop, epochs=args.epochs,
+                    train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size,
+                    lr=args.lr, batch_size=args.batch_size, seed=seed, device=args.device, threads=args.threads,
+                    data=args.data, progress=True))
+                ev = results[-1].eval
+                stage_line(f"seed {seed}: centre crop {ev.center_acc:.4f} (NLL {ev.center_nll:.4f}), "
+                           f"10-crop {ev.ten_crop_acc:.4f} (NLL {ev.ten_crop_nll:.4f})")
+    write_json(args.out / "ten_crop.json", multi_seed_summary(results))
+    plot(results, args.out / "ten_crop.png")
+    found = effects(results)
+    for e in found.values():
+        print(e.describe(4))
+    print(f"{results[0].model} (S={results[0].resize}, C={results[0].crop}), {results[0].eval.samples} val images, "
+          f"{len(results)} seed(s); {time.perf_counter() - start:.0f}s; wrote {args.out / 'ten_crop'}.json/.png")
+    return 0 if found["accuracy_gain"].spread.mean >= 0 else 1
 
 
 if __name__ == "__main__":

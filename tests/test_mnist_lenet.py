@@ -142,11 +142,17 @@ def test_metrics_log_writes_json_csv_png_and_reloads(tmp_path) -> None:
         log.append(3, train_loss=float("nan"))
 
 
+# Issue #7: LeNet-5 reaches >= 98.0% median test accuracy over 3 seeds on any CPU. Seeds 0-6 on two
+# CPUs, at 1 and 2 threads, gave LENET_SEED_RANGE; the median of three keeps a margin over the bar.
+MEDIAN_TARGET = 0.980
+
+
 @pytest.mark.slow
-def test_lenet_reaches_target_accuracy_on_heldout_digits(lenet_run) -> None:
+def test_lenet_reaches_target_accuracy_on_heldout_digits(lenet_run, tmp_path, stat_seed: int, record_margin) -> None:
+    from export.lenet import train_lenet
+
     result = lenet_run.result
     assert result.test_samples == 1000 and result.train_samples == 4000
-    assert result.test_accuracy >= 0.975, f"LeNet-5 held-out accuracy {result.test_accuracy:.4f} < 0.975"
     data = json.loads(result.metrics_json.read_text())
     epochs = data["epochs"]
     assert len(epochs) == result.epochs
@@ -154,6 +160,13 @@ def test_lenet_reaches_target_accuracy_on_heldout_digits(lenet_run) -> None:
     assert data["summary"]["test_accuracy"] == pytest.approx(result.test_accuracy)
     assert result.metrics_png.is_file() and result.metrics_png.stat().st_size > 5000
     assert (lenet_run.out_dir / "metrics.csv").is_file()
+    # The session's run is seed 0; two more seeds make the median a claim about the recipe, not one draw.
+    accuracies = [result.test_accuracy]
+    for seed in (stat_seed + 1, stat_seed + 2):
+        accuracies.append(train_lenet(tmp_path / f"seed{seed}", seed=seed, progress=False)[1].test_accuracy)
+    median = sorted(accuracies)[1]
+    record_margin("lenet5: median test accuracy of 3 seeds", median, MEDIAN_TARGET)
+    assert median >= MEDIAN_TARGET, f"LeNet-5 median held-out accuracy {median:.4f} < {MEDIAN_TARGET} ({accuracies})"
 
 
 @pytest.mark.slow
@@ -169,5 +182,6 @@ def test_exported_lenet_matches_training_accuracy(lenet_offline_predictions, len
     with torch.no_grad():
         expected = torch.softmax(lenet_run.model.eval()(x), dim=1).numpy()
     np.testing.assert_allclose(offline.probabilities, expected, atol=1e-4)
-    assert offline.accuracy == pytest.approx(lenet_run.result.test_accuracy, abs=1e-9)
+    # ONNX Runtime and PyTorch round differently; a borderline digit or two may flip, never more.
+    assert offline.accuracy == pytest.approx(lenet_run.result.test_accuracy, abs=0.0021)
     assert offline.accuracy == pytest.approx(float((offline.classes == labels).mean()))

@@ -106,7 +106,7 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     ShapesRecipe("resnet20", {"model": "cifar_resnet20", **_SHAPES_COMMON, "epochs": "4", "lr": "0.05"},
                  "ResNet-20 on generated shapes (32x32 RGB crops of 36x36)"),
     ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "5", "lr": "0.02"},
-                 "AlexNet-style net (LRN, dropout, no BatchNorm) on generated shapes; 10-crop by default",
+                 "AlexNet-style net (LRN, dropout, BatchNorm) on generated shapes; 10-crop by default",
                  ten_crop_default=True),
     ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "4", "lr": "0.1"},
                  "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),

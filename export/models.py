@@ -216,23 +216,29 @@ for _depth in (20, 56):
 class CifarAlexNet(nn.Module):
     """AlexNet's design (Krizhevsky et al. 2012) at 32x32: five conv layers with ReLU, local response
     normalization after the first two, overlapping 3x3/2 max-pooling, and a three-layer classifier with
-    p=0.5 dropout. No BatchNorm, as in the paper. Widths are cut so it trains in a CPU minute."""
+    p=0.5 dropout. Widths are cut so it trains in a CPU minute.
+
+    Each conv is followed by BatchNorm, the recipe's one addition to the paper: without it, this net
+    from He init sat at chance (loss 2.30, train accuracy 10%) for two full epochs on the shapes data
+    at lr 0.02, which a default build cannot afford.
+    """
 
     def __init__(self, num_classes: int = 10, *, width: int = 48, hidden: int = 512, in_channels: int = 3) -> None:
         super().__init__()
         w = width
 
+        def conv(cin: int, cout: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
         def lrn() -> nn.Module:
             return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)  # the paper's constants
 
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2),   # 32 -> 15
-            nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(3, 2),        # 15 -> 7
-            nn.Conv2d(2 * w, 3 * w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(3 * w, 3 * w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(3 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),            # 7 -> 3
+            *conv(in_channels, w, 5), lrn(), nn.MaxPool2d(3, 2),      # 32 -> 15
+            *conv(w, 2 * w, 5), lrn(), nn.MaxPool2d(3, 2),            # 15 -> 7
+            *conv(2 * w, 3 * w, 3), *conv(3 * w, 3 * w, 3), *conv(3 * w, 2 * w, 3),
+            nn.MaxPool2d(3, 2),                                       # 7 -> 3
         )
-        self.pool = nn.AdaptiveAvgPool2d(3)  # other crop sizes still reach the classifier as 3x3
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(0.5), nn.Linear(2 * w * 9, hidden), nn.ReLU(inplace=True),
@@ -241,7 +247,10 @@ class CifarAlexNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)))
+        x = self.features(x)
+        if tuple(x.shape[-2:]) != (3, 3):  # crops other than 32: pool to the classifier's 3x3 (decided at trace time)
+            x = nn.functional.adaptive_avg_pool2d(x, 3)
+        return self.classifier(x)
 
 
 class _DenseLayer(nn.Module):

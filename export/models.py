@@ -215,20 +215,24 @@ for _depth in (20, 56):
 
 class CifarAlexNet(nn.Module):
     """AlexNet's design (Krizhevsky et al. 2012) at 32x32: five conv layers with ReLU, local response
-    normalization after the first two, overlapping 3x3/2 max-pooling, and a three-layer classifier with
-    p=0.5 dropout. Widths are cut so it trains in a CPU minute.
+    normalization after the first two, overlapping 3x3/2 max-pooling, and three fully-connected layers
+    with p=0.5 dropout on the outputs of the first two (the paper's placement). Widths are cut so it
+    trains in a CPU minute.
 
-    Each conv is followed by BatchNorm, the recipe's one addition to the paper: without it, this net
-    from He init sat at chance (loss 2.30, train accuracy 10%) for two full epochs on the shapes data
-    at lr 0.02, which a default build cannot afford.
+    Every hidden layer, conv and fully-connected, is followed by BatchNorm, the recipe's one addition
+    to the paper: without it this net sat at chance for two epochs on the shapes data, and with it on
+    the convolutions only it still learned several times slower than ResNet-20.
     """
 
-    def __init__(self, num_classes: int = 10, *, width: int = 48, hidden: int = 512, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, *, width: int = 32, hidden: int = 256, in_channels: int = 3) -> None:
         super().__init__()
         w = width
 
         def conv(cin: int, cout: int, k: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        def fc(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True), nn.Dropout(0.5)]
 
         def lrn() -> nn.Module:
             return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)  # the paper's constants
@@ -239,12 +243,8 @@ class CifarAlexNet(nn.Module):
             *conv(2 * w, 3 * w, 3), *conv(3 * w, 3 * w, 3), *conv(3 * w, 2 * w, 3),
             nn.MaxPool2d(3, 2),                                       # 7 -> 3
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(0.5), nn.Linear(2 * w * 9, hidden), nn.ReLU(inplace=True),
-            nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = nn.Sequential(nn.Flatten(), *fc(2 * w * 9, hidden), *fc(hidden, hidden),
+                                        nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

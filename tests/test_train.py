@@ -181,19 +181,20 @@ def test_greyscale_model_with_padding_trains_and_evaluates(tmp_path: Path, stat_
     from export.data.mnist import mnist_split
 
     split = mnist_split()
-    for name, part, n in (("train", split.train, 15), ("val", split.test, 5)):
+    for name, part, n in (("train", split.train, 30), ("val", split.test, 10)):
         for digit in (0, 1):
             folder = tmp_path / "digits" / name / f"d{digit}"
             folder.mkdir(parents=True)
             for i in np.flatnonzero(part.labels == digit)[:n]:
                 Image.fromarray(part.images[i]).save(folder / f"{i}.png")
-    assert main(["--data", str(tmp_path / "digits"), "--model", "lenet5", "--epochs", "2", "--batch-size", "10",
+    assert main(["--data", str(tmp_path / "digits"), "--model", "lenet5", "--epochs", "5", "--batch-size", "6",
                  "--lr", "0.05", "--no-progress", "--threads", "1", "--output", str(tmp_path / "run"),
                  "--seed", str(stat_seed)]) == 0
     summary = _metrics(tmp_path / "run")["summary"]
     assert (summary["resize"], summary["crop"]) == (28, 28)
-    # 0 against 1 is the easiest pair of digits: a working loop separates them in two epochs; a broken
-    # pad or normalisation step would leave it near chance (0.5).
+    # 0 against 1 is the easiest pair of digits: a working loop separates them within 50 steps (enough
+    # for BatchNorm's running statistics to settle); a broken pad or normalisation step would leave it
+    # near chance (0.5).
     record_margin("train: greyscale lenet5 centre-crop acc", summary["center_crop_acc"], 0.9)
     record_margin("train: greyscale lenet5 10-crop acc", summary["ten_crop_acc"], 0.9)
     assert summary["center_crop_acc"] >= 0.9 and summary["ten_crop_acc"] >= 0.9

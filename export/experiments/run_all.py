@@ -29,7 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [
         ("init_depth (MNIST, 30-layer MLP)", init_depth.main, []),
         ("residual_depth (MNIST, 20 vs 56 layers)", residual_depth.main, []),
-        ("residual_depth (shapes, 20 vs 56 layers)", residual_depth.main, ["--data", "shapes", "--train-samples", "3000"]),
         ("ten_crop (ResNet-20 on shapes)", ten_crop.main, []),
     ]
     failed = []

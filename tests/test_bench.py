@@ -15,7 +15,7 @@ from PIL import Image
 from clients import bench
 from clients.commands.bench import concurrency_list
 from clients.sdk.aio import AsyncImageClient
-from procs import imgserve_executable, run_gateway
+from tests.procs import imgserve_executable, run_gateway
 
 # ------------------------------------------------------------------ statistics
 

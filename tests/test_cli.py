@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from procs import free_port, imgserve_executable, run_gateway
+from tests.procs import free_port, imgserve_executable, run_gateway
 
 CLI_TIMEOUT_S = 60
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from tests.procs import GatewayProcess, run_gateway
+from tests.requirements import require_tool
 
 HISTOGRAMS = ("imgserve_request_duration_seconds", "imgserve_queue_wait_seconds",
               "imgserve_preprocess_duration_seconds", "imgserve_backend_duration_seconds", "imgserve_batch_size")
@@ -115,10 +115,7 @@ def test_concurrent_requests_share_backend_batches(after_traffic: str) -> None:
 
 
 def test_promtool_accepts_the_exposition(after_traffic: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("PROMTOOL IS NOT INSTALLED: the exposition format was NOT checked "
-                    "(`make tools` installs it from apt `prometheus`)")
+    promtool = require_tool("promtool", "`make tools` installs it from apt `prometheus`")
     result = subprocess.run([promtool, "check", "metrics"], input=after_traffic.encode(), capture_output=True,
                             timeout=60)
     output = (result.stdout + result.stderr).decode()

@@ -25,7 +25,7 @@ from clients.sdk import (AsyncImageClient, ClassifyResult, DeadlineExceeded, Ima
 from clients.sdk.errors import from_grpc, from_http
 from clients.sdk.images import as_image_list, encode_images, to_image_bytes
 from clients.sdk.wire import Endpoint, parse_target
-from procs import free_port, run_gateway
+from tests.procs import free_port, run_gateway
 
 N_DIGITS = 12
 KINDS = ("path", "bytes", "pil", "array")

@@ -334,10 +334,12 @@ class Batcher:
         except asyncio.CancelledError:
             self._fail_batch(batch, BackendUnavailable(f"model {self.model!r} is shutting down"))
             raise
-        except Exception as exc:
+        except Exception:
+            # Not a ServingError: a bug or an engine surprise. Its text may name files or internals,
+            # so the client gets a generic message and the log gets the traceback.
             log.exception("batcher %s: backend call of %d items failed", self.model, size)
-            self._fail_batch(batch, BackendError(f"backend failed on model {self.model!r}: "
-                                                 f"{type(exc).__name__}: {exc}"))
+            self._fail_batch(batch, BackendError(f"backend failed on model {self.model!r} "
+                                                 f"(internal error; the server log has the details)"))
             return
         elapsed = time.perf_counter() - start
         if self.metrics is not None:

@@ -171,10 +171,13 @@ async def test_deadlines(model_repo: Path, tmp_path: Path) -> None:
     async with running(only(model_repo, tmp_path, "rgbnet")) as plane:
         with pytest.raises(DeadlineExceeded):
             await plane.classify("rgbnet", [data], deadline=time.monotonic() - 1)
-        t = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
+        # 16 large JPEGs take far longer than 2 ms to decode: the answer comes at the deadline,
+        # before decoding finished (no preprocess time recorded) and before any backend call.
+        with pytest.raises(DeadlineExceeded, match="while decoding|before the request started"):
             await plane.classify("rgbnet", [data] * 16, ten_crop=True, deadline=time.monotonic() + 0.002)
-        assert time.monotonic() - t < 1.0
+        labels = {"model": "rgbnet"}
+        assert plane.metrics.sample("imgserve_preprocess_duration_seconds_count", labels) is None
+        assert plane.metrics.sample("imgserve_batch_size_count", labels) is None
         ok = await plane.classify("rgbnet", [data], deadline=time.monotonic() + 30)
         assert len(ok.results) == 1
 
@@ -187,7 +190,7 @@ async def test_stop_drains_then_refuses(model_repo: Path, tmp_path: Path) -> Non
     await plane.start()
     tasks = [asyncio.create_task(plane.probabilities("rgbnet", [data])) for _ in range(5)]
     # wait until their crops sit in the queue (the 200 ms delay keeps them there), then stop
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60                         # only turns a hang into a failure
     while plane.metrics.sample("imgserve_queue_depth", {"model": "rgbnet"}) != 5:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)

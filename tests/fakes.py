@@ -53,15 +53,14 @@ class ScriptedBackend(Backend):
 
     ``specs`` can be replaced while serving (a new version). ``hold()`` makes every
     infer call wait until ``release()``; ``fail_with`` makes infer raise it;
-    ``models_error`` makes models() raise it once. Every infer call is recorded as
-    (model, version served at call time, batch).
+    ``models_error`` makes models() raise it once. Every infer call is recorded as (model, batch).
     """
 
     name = "scripted"
 
     def __init__(self, *specs: ModelSpec) -> None:
         self.specs: dict[str, ModelSpec] = {s.name: s for s in specs or (tiny_spec(),)}
-        self.calls: list[tuple[str, int, np.ndarray]] = []
+        self.calls: list[tuple[str, np.ndarray]] = []
         self.started = False
         self.closed = False
         self.fail_with: BaseException | None = None
@@ -81,8 +80,8 @@ class ScriptedBackend(Backend):
         """Serve ``spec`` from now on (what a repository poll or Triton would report)."""
         self.specs = {**self.specs, spec.name: spec}
 
-    def batches_of(self, model: str, version: int | None = None) -> list[np.ndarray]:
-        return [b for m, v, b in self.calls if m == model and (version is None or v == version)]
+    def batches_of(self, model: str) -> list[np.ndarray]:
+        return [batch for name, batch in self.calls if name == model]
 
     async def start(self) -> None:
         self.started = True
@@ -100,7 +99,7 @@ class ScriptedBackend(Backend):
         return self.started and not self.closed
 
     async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
-        self.calls.append((model, self.specs[model].version, batch.copy()))
+        self.calls.append((model, batch.copy()))
         self.entered.set()
         if self._gate is not None:
             await self._gate.wait()

@@ -114,7 +114,9 @@ def test_cli_sweep_writes_json_table_and_plot(gateway: object, digit_dir: Path, 
         assert step["error_count"] == 0 and step["errors"] == {}
         assert step["requests"] > 0 and step["requests_per_s"] > 0 and step["images"] == step["requests"]
         assert step["images_per_s"] == pytest.approx(step["requests"] / step["elapsed_s"])
-        assert 2.0 <= step["elapsed_s"] < 2.0 + 5.0  # the window plus the last in-flight answers
+        # the whole 2 s window plus the last in-flight answers (how long those take is load, not behaviour)
+        assert step["elapsed_s"] >= 2.0
+        assert step["requests_per_s"] == pytest.approx(step["requests"] / step["elapsed_s"])
         assert lat["count"] == step["requests"] and step["warmup_requests"] > 0
         assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]

@@ -169,6 +169,7 @@ def refused_port() -> Iterator[int]:
 from typing import TYPE_CHECKING  # noqa: E402 - kept with the appended section
 
 if TYPE_CHECKING:
+    from serving.settings import Settings
     from serving.triton_local import TritonLocal
 
 TRITON_START_TIMEOUT_S = 180.0   # Triton + one python stub per model; generous for a busy 2-core machine
@@ -189,3 +190,14 @@ def run_triton_local(repo: Path, *, start_timeout_s: float = TRITON_START_TIMEOU
     server = TritonLocal(repo, startup_timeout_s=start_timeout_s, work_dir=work_dir)
     with server:
         yield server
+
+
+def triton_settings(urls: str, repo: Path, **overrides: object) -> Settings:
+    """Gateway settings for the Triton backend at ``urls`` (health probes every 0.3 s unless overridden)."""
+    from serving.settings import Settings  # noqa: PLC0415 - only Triton tests pay for it
+
+    settings = Settings(backend="triton", triton_url=urls, model_repository=repo, triton_health_interval_s=0.3)
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    settings.validate()
+    return settings

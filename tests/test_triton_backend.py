@@ -30,9 +30,9 @@ from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from serving.backends.triton import TritonBackend
 from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
 from serving.repository import CONFIG_FILE, parse_config, scan_repository
-from serving.settings import Settings
 from serving.triton_local import TritonLocal
-from tests.procs import GatewayProcess, health_status, refused_port, run_gateway, run_triton_local
+from tests.procs import (GatewayProcess, health_status, refused_port, run_gateway, run_triton_local,
+                         triton_settings)
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -105,14 +105,6 @@ def copy_model(src_repo: Path, dst_repo: Path, src: str, dst: str, max_batch_siz
 def ort_probs(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return session.run(["probabilities"], {"image": batch})[0]
-
-
-def triton_settings(urls: str, repo: Path, **overrides: object) -> Settings:
-    settings = Settings(backend="triton", triton_url=urls, model_repository=repo, triton_health_interval_s=0.3)
-    for key, value in overrides.items():
-        setattr(settings, key, value)
-    settings.validate()
-    return settings
 
 
 # ---------------------------------------------------------------- fixtures

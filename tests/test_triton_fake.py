@@ -19,19 +19,16 @@ from serving.repository import Preprocess
 from serving.settings import Settings
 from tests.fake_triton import FakeTriton, serving_fake_triton
 from tests.fakes import tiny_spec
+from tests.procs import triton_settings
 
 pytestmark = pytest.mark.timeout(120)
 
 BATCH = np.full((2, 4, 4, 1), 5, np.uint8)   # answer: class 5 % 3 = 2
 
 
-def settings_for(url: str, repo: Path, **overrides: object) -> Settings:
+def settings_for(url: str, repo: Path) -> Settings:
     # A long health interval: only the test decides when the backend looks at Triton again.
-    settings = Settings(backend="triton", triton_url=url, model_repository=repo, triton_health_interval_s=3600.0)
-    for key, value in overrides.items():
-        setattr(settings, key, value)
-    settings.validate()
-    return settings
+    return triton_settings(url, repo, triton_health_interval_s=3600.0)
 
 
 @asynccontextmanager

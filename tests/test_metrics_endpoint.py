@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,16 @@ def after_traffic(gateway: GatewayProcess) -> str:
     asyncio.run(burst(gateway.grpc_target, rounds=ROUNDS))
     with grpc.insecure_channel(gateway.grpc_target) as channel, pytest.raises(grpc.RpcError):
         pb_grpc.ImageServiceStub(channel).Classify(pb.ClassifyRequest(model="missing", images=[png(0)]), timeout=10)
-    return scrape(gateway)
+    # A client has its answer a moment before the server's handler has finished recording it:
+    # take the snapshot once nothing is in flight (the bound only turns a hang into a failure).
+    deadline = time.monotonic() + 60
+    text = scrape(gateway)
+    while value(samples(text), "imgserve_requests_in_flight", endpoint="grpc.Classify") != 0.0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        text = scrape(gateway)
+    return text
 
 
 def test_histograms_have_observations(after_traffic: str) -> None:

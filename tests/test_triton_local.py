@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -259,7 +260,7 @@ def test_tritonserver_dies_with_its_parent(model_repo: Path) -> None:
         "print(t.proc.pid, t.shm_prefix, t.work_dir, flush=True)\n"
         "time.sleep(600)\n"
     )
-    parent = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script], cwd=ROOT,
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     work_dir = None
     try:

@@ -104,6 +104,8 @@ class DataPlane:
         self._stopping = True
         timeout_s = self._drain_timeout_s if timeout_s is None else max(0.0, timeout_s)
         end = time.monotonic() + timeout_s
+        for _, batcher in self._batchers.values():   # queued crops must not wait for the batching delay
+            batcher.flush_without_delay()
         if self._in_flight:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)

@@ -283,7 +283,7 @@ class TritonLocal:
                     break
                 except TritonLocalError as exc:
                     # A port picked free a moment ago was taken before Triton bound it: pick again.
-                    if attempt == PORT_ATTEMPTS or 0 not in requested or PORT_TAKEN not in str(exc):
+                    if attempt == PORT_ATTEMPTS or not self._picked_port_was_taken(requested, str(exc)):
                         raise
                     self._forget_failed_launch(requested)
         except BaseException:
@@ -291,6 +291,28 @@ class TritonLocal:
             raise
         self.startup_s = time.monotonic() - began
         return self
+
+    def _picked_port_was_taken(self, requested: tuple[int, int, int], error: str) -> bool:
+        """Whether a start failed because a port *we* picked is in use by someone else.
+
+        Triton usually says so in its log, but it can also abort before the line is written;
+        then a port of ours that still cannot be bound (Triton has exited) tells the same.
+        """
+        picked = [port for port, asked in zip((self.grpc_port, self.http_port, self.metrics_port), requested)
+                  if asked == 0]
+        if not picked or self.proc is None or self.proc.poll() is None:
+            return False
+        if PORT_TAKEN in error:
+            return True
+        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        for port in picked:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
+                try:
+                    probe.bind((bind, port))
+                except OSError:
+                    return True
+        return False
 
     def _forget_failed_launch(self, requested: tuple[int, int, int]) -> None:
         """Clean up after a launch that exited while starting, and unpick the auto-picked ports."""

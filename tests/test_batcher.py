@@ -438,3 +438,17 @@ async def test_a_split_request_spread_over_two_slots_is_reassembled_in_order() -
     backend.gates[0].set()
     np.testing.assert_array_equal(await within(task), expected(x))
     await b.stop()
+
+
+async def test_flush_without_delay_sends_queued_items_and_keeps_accepting() -> None:
+    """What a drain does first: nothing queued waits for the (hour-long) delay, late submitters still get in."""
+    fake = FakeBackend()
+    b = await make(fake, max_batch_size=8, delay_s=3600.0)
+    early = asyncio.create_task(b.submit(items_for(1, 2)))
+    await wait_until(lambda: b.depth == 2)
+    b.flush_without_delay()
+    np.testing.assert_array_equal(await within(early), expected(items_for(1, 2)))
+    late = await within(b.submit(items_for(2, 1)))           # still accepted, and not held for company
+    np.testing.assert_array_equal(late, expected(items_for(2, 1)))
+    assert fake.sizes == [2, 1]
+    await b.stop()

@@ -197,6 +197,7 @@ class Gateway:
         """
         end = time.monotonic() + grace_s
         self.draining = True
+        self.dataplane.flush_queues()  # in-flight requests must not wait out the batching delay
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -104,8 +104,7 @@ class DataPlane:
         self._stopping = True
         timeout_s = self._drain_timeout_s if timeout_s is None else max(0.0, timeout_s)
         end = time.monotonic() + timeout_s
-        for _, batcher in self._batchers.values():   # queued crops must not wait for the batching delay
-            batcher.flush_without_delay()
+        self.flush_queues()
         if self._in_flight:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
@@ -122,6 +121,14 @@ class DataPlane:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self._started = False
+
+    def flush_queues(self) -> None:
+        """A drain has begun: queued crops go to the backend now instead of waiting for a batch to fill.
+
+        Requests still decoding are accepted as before; this only removes the batching delay.
+        """
+        for _, batcher in self._batchers.values():
+            batcher.flush_without_delay()
 
     async def ready(self) -> bool:
         up = self._started and not self._stopping and await self.backend.ready()

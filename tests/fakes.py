@@ -108,6 +108,14 @@ class ScriptedBackend(Backend):
         return self.answer(batch)
 
 
+async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll a condition in the event loop; the timeout only turns a hang into a clear failure."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout_s)
+
+
 def gateway_settings(**overrides: object) -> Settings:
     """Loopback, OS-picked ports, one preprocess thread, no batching delay unless asked."""
     settings = Settings(host="127.0.0.1", grpc_port=0, http_port=0, preprocess_threads=1,

@@ -1,11 +1,12 @@
 """Faults the real engines cannot produce on demand, through the real gateway servers in process.
 
-A ScriptedBackend (tests/fakes.py) stands in for ONNX Runtime / Triton: it can hang,
-raise something unexpected, or change a model's version while the gateway serves.
+A ScriptedBackend (tests/fakes.py) stands in for ONNX Runtime / Triton: it can hang
+or raise something unexpected while the gateway serves.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -14,7 +15,6 @@ import time
 import aiohttp
 import grpc
 import grpc.aio
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,7 +25,7 @@ from serving.app import Gateway
 from serving.errors import BackendError
 from serving.transports.grpc_util import INTERNAL_MESSAGE
 from tests.fakes import (ScriptedBackend, gateway_settings, grey_png, grpc_target, http_url, running_gateway,
-                         tiny_spec)
+                         tiny_spec, until)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,8 +42,6 @@ async def classify(target: str, values: list[int], timeout: float = 30.0) -> pb.
 
 
 async def http_classify(base: str, values: list[int]) -> tuple[int, dict]:
-    import base64
-
     body = {"model": "tiny", "images": [base64.b64encode(grey_png(v)).decode() for v in values], "topK": 1}
     async with aiohttp.ClientSession() as session, session.post(f"{base}/v1/classify", json=body) as resp:
         return resp.status, json.loads(await resp.read())
@@ -165,7 +163,8 @@ async def test_grace_running_out_fails_in_flight_requests_clearly_and_stops() ->
                 return await client.classify(grey_png(2), "tiny")
 
         via_http = asyncio.create_task(via_sdk_http())
-        await until(lambda: len(backend.calls) == 1 and gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 1)
+        await until(lambda: len(backend.calls) == 1
+                    and gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 1)
         await asyncio.wait_for(gw.stop(), 60)       # returns although the backend never answers
         assert backend.closed
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -173,14 +172,6 @@ async def test_grace_running_out_fails_in_flight_requests_clearly_and_stops() ->
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(Unavailable):
             await via_http
-
-
-async def until(predicate, timeout_s: float = 30.0) -> None:
-    """Poll a condition (the timeout only turns a hang into a clear failure)."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 async def test_second_signal_abandons_the_drain(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from serving.dataplane import DataPlane
 from serving.metrics import Metrics
 from serving.repository import Preprocess
 from serving.settings import Settings
-from tests.fakes import ScriptedBackend, grey_png, tiny_spec
+from tests.fakes import ScriptedBackend, grey_png, tiny_spec, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,13 +38,6 @@ async def plane_over(backend: ScriptedBackend) -> AsyncIterator[DataPlane]:
 
 def batcher_of(plane: DataPlane, model: str = "tiny"):
     return plane._batchers[model][1]
-
-
-async def until(predicate, timeout_s: float = 30.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 async def test_new_version_gets_a_fresh_batcher_and_queued_old_work_finishes() -> None:

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.backends.base import Backend
 from serving.dataplane import DataPlane
+from serving.health import DrainingHealthServicer
 from serving.metrics import Metrics
 from serving.settings import Settings
 from serving.transports import grpc_v1, grpc_v2
@@ -83,7 +85,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.dataplane = DataPlane(self.settings, self.backend, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -188,8 +190,14 @@ class Gateway:
         log.info("stopped")
 
     async def close(self, grace_s: float) -> None:
-        """Stop servers (in-flight requests get ``grace_s``), then the data plane and backend."""
+        """Stop servers (in-flight requests get ``grace_s``), then the data plane and backend.
+
+        ``grace_s`` bounds the whole stop: the data plane gets only what the servers left of it,
+        so a stuck backend cannot stretch a SIGTERM past the grace period the operator set.
+        """
+        end = time.monotonic() + grace_s
         self.draining = True
+        self.dataplane.flush_queues()  # in-flight requests must not wait out the batching delay
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -205,11 +213,12 @@ class Gateway:
                 log.error("error while stopping a server: %r", result)
         self.grpc_server, self.http_runner = None, None
         if self._started:
-            self._started = False
             try:
-                await self.dataplane.stop()  # drains queued work, then closes the backend
+                # drains queued work, then closes the backend
+                await self.dataplane.stop(timeout_s=end - time.monotonic())
             except Exception:
                 log.exception("error while stopping the data plane")
+            self._started = False  # only now: a close cancelled midway (second signal) is redone by serve()
 
 
 async def serve(settings: Settings,
@@ -220,9 +229,13 @@ async def serve(settings: Settings,
     stop_requested = asyncio.Event()
     current = asyncio.current_task()
 
+    abandoned = False
+
     def on_signal(signum: int) -> None:
+        nonlocal abandoned
         if stop_requested.is_set():
             log.warning("second %s: abandoning the drain", signal.Signals(signum).name)
+            abandoned = True
             if current is not None:
                 current.cancel()
             return
@@ -241,5 +254,5 @@ async def serve(settings: Settings,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        if not gateway.draining:  # cancelled before the graceful path ran
-            await gateway.close(grace_s=0.0)
+        if abandoned or not gateway.draining:  # the graceful path never ran, or was cut short
+            await gateway.close(grace_s=0.0)   # in-flight requests fail now; the backend still closes

@@ -17,7 +17,8 @@ Guarantees:
 * a backend exception fails only the requests that had items in that call;
 * a cancelled submitter (client went away) has its queued items removed;
 * ``stop()`` refuses new work, flushes the queue without waiting for the
-  delay, and waits for running calls (graceful drain).
+  delay, and waits for running calls (graceful drain); ``flush_without_delay()``
+  flushes the same way while still accepting work.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._no_delay = False                     # a drain has begun: send what is queued at once
         self._seconds_per_item: float | None = None  # EWMA, for the retry-after hint
 
     # ------------------------------------------------------------ lifecycle
@@ -134,6 +136,15 @@ class Batcher:
                 task.cancel()
             self._fail_queued(BackendUnavailable(f"model {self.model!r} is shutting down"))
             await asyncio.gather(drain, worker, *self._running, return_exceptions=True)
+
+    def flush_without_delay(self) -> None:
+        """From now on send queued items at once instead of waiting for a batch to fill.
+
+        For the start of a drain: requests still decoding may yet submit (unlike after
+        ``stop()``), but nothing already queued waits for the batching delay any more.
+        """
+        self._no_delay = True
+        self._wakeup.set()
 
     async def _drain(self, worker: asyncio.Task[None]) -> None:
         await worker
@@ -266,7 +277,7 @@ class Batcher:
         """Wait until a batch is due, then take it; None once stopping with nothing queued."""
         while True:
             if self._queue:
-                if self._closing or len(self._queue) >= self.max_batch_size:
+                if self._closing or self._no_delay or len(self._queue) >= self.max_batch_size:
                     break
                 wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if wait <= 0:
@@ -334,10 +345,12 @@ class Batcher:
         except asyncio.CancelledError:
             self._fail_batch(batch, BackendUnavailable(f"model {self.model!r} is shutting down"))
             raise
-        except Exception as exc:
+        except Exception:
+            # Not a ServingError: a bug or an engine surprise. Its text may name files or internals,
+            # so the client gets a generic message and the log gets the traceback.
             log.exception("batcher %s: backend call of %d items failed", self.model, size)
-            self._fail_batch(batch, BackendError(f"backend failed on model {self.model!r}: "
-                                                 f"{type(exc).__name__}: {exc}"))
+            self._fail_batch(batch, BackendError(f"backend failed on model {self.model!r} "
+                                                 f"(internal error; the server log has the details)"))
             return
         elapsed = time.perf_counter() - start
         if self.metrics is not None:

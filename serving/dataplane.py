@@ -94,20 +94,23 @@ class DataPlane:
             await self._batcher(spec)
         self.metrics.set_backend_up(self.backend.name, await self.backend.ready())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
         """Graceful stop: refuse new requests, let accepted ones finish, then close the backend.
 
         Accepted requests (even those still decoding) get their answers; after
-        ``shutdown_grace_s`` whatever is left is failed with BackendUnavailable.
+        ``timeout_s`` (default ``shutdown_grace_s``) whatever is left is failed with
+        BackendUnavailable. The gateway passes what is left of its own grace period.
         """
         self._stopping = True
-        end = time.monotonic() + self._drain_timeout_s
+        timeout_s = self._drain_timeout_s if timeout_s is None else max(0.0, timeout_s)
+        end = time.monotonic() + timeout_s
+        self.flush_queues()
         if self._in_flight:
             try:
-                await asyncio.wait_for(self._idle.wait(), self._drain_timeout_s)
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
             except TimeoutError:
                 log.warning("stop: %d requests still running after %.1fs; failing them",
-                            self._in_flight, self._drain_timeout_s)
+                            self._in_flight, timeout_s)
         batchers = [b for _, b in self._batchers.values()]
         self._batchers = {}
         remaining = max(0.0, end - time.monotonic())
@@ -118,6 +121,14 @@ class DataPlane:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self._started = False
+
+    def flush_queues(self) -> None:
+        """A drain has begun: queued crops go to the backend now instead of waiting for a batch to fill.
+
+        Requests still decoding are accepted as before; this only removes the batching delay.
+        """
+        for _, batcher in self._batchers.values():
+            batcher.flush_without_delay()
 
     async def ready(self) -> bool:
         up = self._started and not self._stopping and await self.backend.ready()

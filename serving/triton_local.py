@@ -144,6 +144,10 @@ def server_environment(dist: TritonDistribution, base: dict[str, str] | None = N
     return env
 
 
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "already in use"   # tritonserver: "failed to start GRPC service: ... Socket '...' already in use"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -269,15 +273,54 @@ class TritonLocal:
         else:
             self.work_dir = self._work_dir_arg.resolve()
         began = time.monotonic()
+        requested = (self.grpc_port, self.http_port, self.metrics_port)   # 0: pick a free one
         try:
             prepare_work_dir(self.work_dir, dist)
-            self._launch(dist)
-            self.wait_ready(self.startup_timeout_s)
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                self._launch(dist)
+                try:
+                    self.wait_ready(self.startup_timeout_s)
+                    break
+                except TritonLocalError as exc:
+                    # A port picked free a moment ago was taken before Triton bound it: pick again.
+                    if attempt == PORT_ATTEMPTS or not self._picked_port_was_taken(requested, str(exc)):
+                        raise
+                    self._forget_failed_launch(requested)
         except BaseException:
             self.stop()   # also removes a temporary work dir and any shm region
             raise
         self.startup_s = time.monotonic() - began
         return self
+
+    def _picked_port_was_taken(self, requested: tuple[int, int, int], error: str) -> bool:
+        """Whether a start failed because a port *we* picked is in use by someone else.
+
+        Triton usually says so in its log, but it can also abort before the line is written;
+        then a port of ours that still cannot be bound (Triton has exited) tells the same.
+        """
+        picked = [port for port, asked in zip((self.grpc_port, self.http_port, self.metrics_port), requested)
+                  if asked == 0]
+        if not picked or self.proc is None or self.proc.poll() is None:
+            return False
+        if PORT_TAKEN in error:
+            return True
+        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        for port in picked:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
+                try:
+                    probe.bind((bind, port))
+                except OSError:
+                    return True
+        return False
+
+    def _forget_failed_launch(self, requested: tuple[int, int, int]) -> None:
+        """Clean up after a launch that exited while starting, and unpick the auto-picked ports."""
+        if self.proc is not None:
+            self._reap_group(self.proc.pid)
+        self.remove_shm_regions()
+        self.proc = None
+        self.grpc_port, self.http_port, self.metrics_port = requested
 
     def _launch(self, dist: TritonDistribution) -> None:
         assert self.work_dir is not None

@@ -1,12 +1,14 @@
 """Real gateway processes for end-to-end tests.
 
-``run_gateway`` starts ``.venv/bin/imgserve serve`` as a subprocess on free
-loopback ports, waits until gRPC health says SERVING (showing the process's
-stderr if it dies or never gets there), and stops it with SIGTERM.
+``run_gateway`` starts ``.venv/bin/imgserve serve`` as a subprocess on loopback
+ports the OS picks (port 0, read back from its start banner), waits until gRPC
+health says SERVING (showing the process's stderr if it dies or never gets
+there), and stops it with SIGTERM.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,13 +35,6 @@ def imgserve_executable() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("no imgserve executable; run `make install` first")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -103,59 +98,54 @@ def wait_serving(gw: GatewayProcess, timeout_s: float = START_TIMEOUT_S) -> None
     raise TimeoutError(f"gateway not SERVING after {timeout_s:.0f} s; stderr:\n{gw.stderr()[-4000:]}")
 
 
-class PortCollision(RuntimeError):
-    """The ports free_port() picked were taken before the gateway bound them."""
+BANNER_GRPC = re.compile(r"^\s*gRPC:\s+\S+:(\d+)\s", re.M)
+BANNER_HTTP = re.compile(r"^\s*HTTP:\s+http://\S+:(\d+)\s", re.M)
 
 
-def _start(repo: Path, backend: str, triton_url: str | None, extra_args: Sequence[str],
-           env: dict[str, str] | None, start_timeout_s: float,
-           out: IO[bytes], err: IO[bytes]) -> GatewayProcess:
-    grpc_port, http_port = free_port(), free_port()
-    while http_port == grpc_port:
-        http_port = free_port()
-    args = [str(imgserve_executable()), "serve", "--model-repository", str(repo), "--backend", backend,
-            "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    if triton_url:
-        args += ["--triton-url", triton_url]
-    args += list(extra_args)
-    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    out.seek(0), out.truncate()
-    err.seek(0), err.truncate()
-    proc = subprocess.Popen(args, stdout=out, stderr=err, env=proc_env, cwd=ROOT)
-    gw = GatewayProcess(grpc_target=f"127.0.0.1:{grpc_port}", http_url=f"http://127.0.0.1:{http_port}",
-                        proc=proc, stdout_file=out, stderr_file=err)
-    try:
-        wait_serving(gw, start_timeout_s)
-    except RuntimeError:
-        if gw.proc.poll() is not None and "cannot listen" in gw.stderr():
-            raise PortCollision(gw.stderr()[-2000:]) from None
-        raise
-    except BaseException:
-        if gw.alive():
-            gw.proc.kill()
-            gw.proc.wait()
-        raise
-    return gw
+def announced_ports(proc: subprocess.Popen[bytes], out: IO[bytes], err: IO[bytes],
+                    timeout_s: float) -> tuple[int, int]:
+    """(gRPC, HTTP) ports from the start banner of a gateway started with ``--grpc-port 0 --http-port 0``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        banner = _read(out)
+        grpc_port, http_port = BANNER_GRPC.search(banner), BANNER_HTTP.search(banner)
+        if grpc_port and http_port:
+            return int(grpc_port.group(1)), int(http_port.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode} before serving; stderr:\n{_read(err)[-4000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"gateway printed no start banner after {timeout_s:.0f} s; stderr:\n{_read(err)[-4000:]}")
 
 
 @contextmanager
 def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | None = None,
                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
                 start_timeout_s: float = START_TIMEOUT_S) -> Iterator[GatewayProcess]:
-    """Start a real ``imgserve serve`` on free ports; yield it once SERVING; SIGTERM it afterwards.
+    """Start a real ``imgserve serve``; yield it once SERVING; SIGTERM it afterwards.
 
-    If another process grabs a picked port before the gateway binds it, the start is
-    retried on fresh ports (the gateway refuses shared ports, so this is detectable).
+    The gateway binds port 0 for both servers (the OS picks free ports as it binds) and the
+    ports are read back from its start banner, so no other process can take them first.
     """
+    args = [str(imgserve_executable()), "serve", "--model-repository", str(repo), "--backend", backend,
+            "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0"]
+    if triton_url:
+        args += ["--triton-url", triton_url]
+    args += list(extra_args)
+    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with tempfile.NamedTemporaryFile(prefix="imgserve-out-", suffix=".log") as out, \
             tempfile.NamedTemporaryFile(prefix="imgserve-err-", suffix=".log") as err:
-        for attempt in range(3):
-            try:
-                gw = _start(repo, backend, triton_url, extra_args, env, start_timeout_s, out, err)
-                break
-            except PortCollision:
-                if attempt == 2:
-                    raise
+        began = time.monotonic()
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=proc_env, cwd=ROOT)
+        try:
+            grpc_port, http_port = announced_ports(proc, out, err, start_timeout_s)
+            gw = GatewayProcess(grpc_target=f"127.0.0.1:{grpc_port}", http_url=f"http://127.0.0.1:{http_port}",
+                                proc=proc, stdout_file=out, stderr_file=err)
+            wait_serving(gw, max(1.0, start_timeout_s - (time.monotonic() - began)))
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
         try:
             yield gw
         finally:
@@ -163,11 +153,23 @@ def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | N
                 gw.stop()
 
 
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port where connections are refused, held for the test (bound, never listening).
+
+    A port that was merely free a moment ago could be taken by another process and answer.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
 # ---------------------------------------------------------------- Triton (appended by the triton helper)
 
 from typing import TYPE_CHECKING  # noqa: E402 - kept with the appended section
 
 if TYPE_CHECKING:
+    from serving.settings import Settings
     from serving.triton_local import TritonLocal
 
 TRITON_START_TIMEOUT_S = 180.0   # Triton + one python stub per model; generous for a busy 2-core machine
@@ -188,3 +190,14 @@ def run_triton_local(repo: Path, *, start_timeout_s: float = TRITON_START_TIMEOU
     server = TritonLocal(repo, startup_timeout_s=start_timeout_s, work_dir=work_dir)
     with server:
         yield server
+
+
+def triton_settings(urls: str, repo: Path, **overrides: object) -> Settings:
+    """Gateway settings for the Triton backend at ``urls`` (health probes every 0.3 s unless overridden)."""
+    from serving.settings import Settings  # noqa: PLC0415 - only Triton tests pay for it
+
+    settings = Settings(backend="triton", triton_url=urls, model_repository=repo, triton_health_interval_s=0.3)
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    settings.validate()
+    return settings

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -212,35 +213,56 @@ def test_errors_are_counted_by_code(gateway: GatewayProcess, stub: pb_grpc.Image
     assert "Traceback" not in gateway.stderr(), gateway.stderr()[-3000:]
 
 
+def queue_depth(gw: GatewayProcess, model: str = "lenet5") -> float:
+    status, _, body = post(f"{gw.http_url}/metrics", b"", method="GET")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(f'imgserve_queue_depth{{model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for_depth(gw: GatewayProcess, depth: float) -> None:
+    deadline = time.monotonic() + 120   # only turns a hang into a failure
+    while queue_depth(gw) != depth:
+        assert time.monotonic() < deadline, f"queue depth never reached {depth}"
+        time.sleep(0.02)
+
+
 def test_overload_is_429_with_retry_after(model_repo: Path) -> None:
     """Requests that do not fit the model's queue: RESOURCE_EXHAUSTED / 429 + Retry-After, nothing breaks.
 
-    The queue holds 4 crops and the batcher waits 500 ms to fill a batch, so of several
-    4-image requests sent at once the first fills the queue and the others are refused.
+    The queue and the batch hold 5 crops and the batching window is ten minutes, so nothing here
+    depends on timing: a 4-image request waits in the queue, further 4-image requests are refused,
+    and a 1-image request fits, completes the batch and so sends both off.
     """
-    args = ["--max-queue-size", "4", "--max-queue-delay-ms", "500", "--backend-threads", "1"]
+    args = ["--max-queue-size", "5", "--max-batch-size", "5", "--max-queue-delay-ms", "600000",
+            "--backend-threads", "1"]
     with run_gateway(model_repo, extra_args=args) as gw:
         with grpc.insecure_channel(gw.grpc_target) as channel:
             stub = pb_grpc.ImageServiceStub(channel)
             request = pb.ClassifyRequest(model="lenet5", images=[GOOD] * 4)
-            calls = [stub.Classify.future(request, timeout=30) for _ in range(4)]
-            refused = [c for c in calls if c.exception() is not None]
-            assert 1 <= len(refused) < len(calls)
+            waiting = stub.Classify.future(request, timeout=120)
+            wait_for_depth(gw, 4)
+            refused = [stub.Classify.future(request, timeout=120) for _ in range(3)]
             for call in refused:
+                assert call.exception() is not None
                 assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
                 assert "queue is full" in call.details()
                 assert int(dict(call.trailing_metadata())["retry-after"]) >= 1
-            assert_good_grpc(stub, gw)
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda _: post(f"{gw.http_url}/v1/classify", classify_body([GOOD] * 4)),
-                                    range(4)))
-        statuses = sorted(a[0] for a in answers)
-        assert statuses[0] == 200 and statuses[-1] == 429, statuses
-        for status, headers, raw in answers:
-            if status == 429:
+            assert not waiting.done()
+            assert_good_grpc(stub, gw)                       # fits: fills the batch of 5
+            assert len(waiting.result().results) == 4
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, f"{gw.http_url}/v1/classify", classify_body([GOOD] * 4))
+            wait_for_depth(gw, 4)
+            for _ in range(3):
+                status, headers, raw = post(f"{gw.http_url}/v1/classify", classify_body([GOOD] * 4))
+                assert status == 429, raw
                 assert int(headers["Retry-After"]) >= 1
                 assert json.loads(raw)["error"]["code"] == "RESOURCE_EXHAUSTED"
-        assert_good_http(gw)
+            assert_good_http(gw)
+            assert first.result()[0] == 200
 
 
 @pytest.mark.parametrize("timeout, status, code", [

@@ -73,12 +73,25 @@ async def make(fake: FakeBackend, *, max_batch_size: int = 8, delay_s: float = 0
     return b
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:
+async def wait_until(predicate, timeout: float = 30.0) -> None:
+    """Poll a condition; the timeout only turns a hang into a clear failure (generous: loaded CI)."""
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.001)
+
+
+async def within(awaitable, timeout_s: float = 30.0):
+    """Await something that must not wait on a held backend; a hang fails clearly instead of at the
+    file's 60 s timeout. The bound is wide on purpose: it is not a speed check."""
+    return await asyncio.wait_for(awaitable, timeout_s)
+
+
+async def sleep_past(moment: float) -> None:
+    """Sleep until time.monotonic() is past ``moment`` (an absolute deadline)."""
+    while time.monotonic() <= moment:
+        await asyncio.sleep(max(0.001, moment - time.monotonic()))
 
 
 async def test_concurrent_submitters_share_batches_never_above_max() -> None:
@@ -115,18 +128,30 @@ async def test_list_of_items_is_accepted() -> None:
     np.testing.assert_array_equal(got, expected(x))
 
 
-async def test_full_batch_goes_at_once_partial_batch_waits_for_the_delay() -> None:
+async def test_full_batch_goes_at_once_partial_batch_waits_to_fill() -> None:
+    """An hour-long delay: only a full batch can be dispatched, so nothing here depends on the clock."""
     fake = FakeBackend()
-    b = await make(fake, max_batch_size=4, delay_s=0.3)
-    t = time.monotonic()
-    await b.submit(items_for(1, 4))
-    full = time.monotonic() - t
-    t = time.monotonic()
-    await b.submit(items_for(2, 1))
-    partial = time.monotonic() - t
+    b = await make(fake, max_batch_size=4, delay_s=3600.0)
+    np.testing.assert_array_equal(await within(b.submit(items_for(1, 4))), expected(items_for(1, 4)))
+    assert fake.sizes == [4]                       # a full batch went at once, alone
+    lone = asyncio.create_task(b.submit(items_for(2, 1)))
+    await wait_until(lambda: b.depth == 1)
+    for _ in range(20):                            # plenty of loop turns for a wrongly eager worker
+        await asyncio.sleep(0)
+    assert fake.sizes == [4] and not lone.done()   # a partial batch waits for company
+    rest = asyncio.create_task(b.submit(items_for(3, 3)))
+    np.testing.assert_array_equal(await within(lone), expected(items_for(2, 1)))
+    np.testing.assert_array_equal(await within(rest), expected(items_for(3, 3)))
+    assert fake.sizes == [4, 4]                    # the lone item rode with the next request's three
     await b.stop()
-    assert full < 0.25, full
-    assert partial >= 0.29, partial
+
+
+async def test_partial_batch_goes_when_the_delay_passes() -> None:
+    fake = FakeBackend()
+    b = await make(fake, max_batch_size=4, delay_s=0.01)
+    np.testing.assert_array_equal(await within(b.submit(items_for(1, 1))), expected(items_for(1, 1)))
+    assert fake.sizes == [1]
+    await b.stop()
 
 
 async def test_bounded_queue_rejects_at_once_with_retry_hint() -> None:
@@ -137,10 +162,8 @@ async def test_bounded_queue_rejects_at_once_with_retry_hint() -> None:
     await fake.entered.wait()                      # items of request 1 are in the backend now
     waiting = [asyncio.create_task(b.submit(items_for(r, 3))) for r in (2, 3)]
     await wait_until(lambda: b.depth == 6)
-    t = time.monotonic()
-    with pytest.raises(Overloaded) as err:
-        await b.submit(items_for(4, 1))
-    assert time.monotonic() - t < 0.5       # refused at once (the held backend would block forever)
+    with pytest.raises(Overloaded) as err:   # refused at once: waiting on the held backend would never end
+        await within(b.submit(items_for(4, 1)))
     assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
     assert "queue is full" in err.value.message
     fake.release()
@@ -162,17 +185,19 @@ async def test_expired_items_are_dropped_before_compute() -> None:
     b = await make(fake, max_batch_size=2, delay_s=0.0)
     first = asyncio.create_task(b.submit(items_for(1, 2)))
     await fake.entered.wait()
-    late = asyncio.create_task(b.submit(items_for(2, 3), deadline=time.monotonic() + 0.05))
-    ok = asyncio.create_task(b.submit(items_for(3, 1), deadline=time.monotonic() + 30))
-    await asyncio.sleep(0.15)                      # request 2's deadline passes while it is queued
-    fake.release()
+    soon = time.monotonic() + 0.2
+    late = asyncio.create_task(b.submit(items_for(2, 3), deadline=soon))
+    ok = asyncio.create_task(b.submit(items_for(3, 1), deadline=time.monotonic() + 3600))
+    await wait_until(lambda: b.depth == 4)         # both queued behind the held call
+    await sleep_past(soon)                         # request 2's deadline passes while it is queued
     with pytest.raises(DeadlineExceeded):
         await late
+    assert b.depth == 1                            # its three items left the queue; request 3's stays
+    fake.release()
     np.testing.assert_array_equal(await ok, expected(items_for(3, 1)))
     await first
     await b.stop()
-    assert 2 not in fake.seen_requests()
-    assert fake.seen_requests() == {1, 3}
+    assert fake.seen_requests() == {1, 3}          # request 2 never reached the backend
 
 
 async def test_deadline_already_passed_is_not_queued() -> None:
@@ -186,12 +211,11 @@ async def test_deadline_already_passed_is_not_queued() -> None:
 
 async def test_deadline_while_computing_answers_in_time() -> None:
     fake = FakeBackend()
-    fake.hold()
+    fake.hold()                                    # never answers until released
     b = await make(fake, delay_s=0.0)
-    t = time.monotonic()
-    with pytest.raises(DeadlineExceeded):
-        await b.submit(items_for(1, 1), deadline=time.monotonic() + 0.1)
-    assert time.monotonic() - t < 1.0
+    with pytest.raises(DeadlineExceeded):          # answered at the deadline, not when the backend is done
+        await within(b.submit(items_for(1, 1), deadline=time.monotonic() + 0.1))
+    assert len(fake.calls) == 1 and not fake.gate.is_set()
     fake.release()
     await b.stop()
 
@@ -230,8 +254,9 @@ async def test_backend_exception_fails_only_that_call() -> None:
     fake.release()
     np.testing.assert_array_equal(await a, expected(items_for(1, 4)))
     for task in (poisoned, neighbour):
-        with pytest.raises(BackendError, match="poisoned batch"):
+        with pytest.raises(BackendError, match="backend failed on model 'm'") as info:
             await task
+        assert "poisoned" not in info.value.message          # the exception's own text stays in the log
     assert fake.sizes == [4, 3]
     after = await b.submit(items_for(4, 2))                   # the batcher keeps serving
     np.testing.assert_array_equal(after, expected(items_for(4, 2)))
@@ -299,12 +324,11 @@ async def test_stop_timeout_fails_what_cannot_finish() -> None:
     b = await make(fake, max_batch_size=1, delay_s=0.0)
     tasks = [asyncio.create_task(b.submit(items_for(r, 1))) for r in range(3)]
     await fake.entered.wait()
-    t = time.monotonic()
-    await b.stop(timeout=0.2)
-    assert time.monotonic() - t < 2.0
+    await within(b.stop(timeout=0.2))                        # returns although the backend never will
     for task in tasks:
         with pytest.raises(BackendUnavailable):
             await task
+    assert fake.sizes == [1]                                 # the two queued items never ran
 
 
 async def test_item_shape_is_checked_before_queueing() -> None:
@@ -332,3 +356,99 @@ async def test_metrics_are_recorded() -> None:
     assert metrics.sample("imgserve_queue_depth", labels) == 0
     # batch sizes above 1 land above the first bucket
     assert metrics.sample("imgserve_batch_size_bucket", {"model": "m", "le": "1.0"}) < len(fake.calls)
+
+
+class PerCallGates:
+    """An infer function whose every call waits for its own gate: calls can be finished in any order."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+        self.gates: list[asyncio.Event] = []
+        self.active = 0
+        self.max_active = 0
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        gate = asyncio.Event()
+        self.calls.append(batch.copy())
+        self.gates.append(gate)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await gate.wait()
+        finally:
+            self.active -= 1
+        return expected(batch)
+
+
+async def test_two_execution_slots_run_two_batches_at_once() -> None:
+    """max_concurrent_batches=2 (a model with 2 instances): a second batch runs while the first is busy,
+    each finishes on its own, and every result goes back to its own request in item order."""
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=3, max_queue_delay_s=0.0, max_queue_size=100,
+                max_concurrent_batches=2)
+    await b.start()
+    first = asyncio.create_task(b.submit(items_for(1, 3)))
+    second = asyncio.create_task(b.submit(items_for(2, 3)))
+    third = asyncio.create_task(b.submit(items_for(3, 2)))
+    await wait_until(lambda: len(backend.calls) == 2)
+    assert backend.active == 2                                 # both slots busy at the same time
+    assert b.depth == 2 and len(backend.calls) == 2            # the third waits for a free slot
+    backend.gates[1].set()                                     # the second call finishes first
+    np.testing.assert_array_equal(await within(second), expected(items_for(2, 3)))
+    assert not first.done()
+    await wait_until(lambda: len(backend.calls) == 3)          # its slot went to the third request
+    backend.gates[2].set()
+    np.testing.assert_array_equal(await within(third), expected(items_for(3, 2)))
+    backend.gates[0].set()
+    np.testing.assert_array_equal(await within(first), expected(items_for(1, 3)))
+    await b.stop()
+    assert backend.max_active == 2
+    assert [c[:, 0].tolist() for c in backend.calls] == [[1, 1, 1], [2, 2, 2], [3, 3]]
+
+
+async def test_one_execution_slot_never_overlaps_calls() -> None:
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=100)
+    await b.start()
+    tasks = [asyncio.create_task(b.submit(items_for(r, 2))) for r in range(3)]
+    for n in range(1, 4):
+        await wait_until(lambda: len(backend.calls) == n)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(backend.calls) == n and backend.active == 1  # the next call waits for this one
+        backend.gates[-1].set()
+    for r, task in enumerate(tasks):
+        np.testing.assert_array_equal(await within(task), expected(items_for(r, 2)))
+    await b.stop()
+    assert backend.max_active == 1
+
+
+async def test_a_split_request_spread_over_two_slots_is_reassembled_in_order() -> None:
+    """One request larger than a batch lands in two concurrent calls that finish in reverse order."""
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=100,
+                max_concurrent_batches=2)
+    await b.start()
+    x = items_for(5, 7)
+    task = asyncio.create_task(b.submit(x))
+    await wait_until(lambda: len(backend.calls) == 2)
+    backend.gates[1].set()                                     # items 4..6 come back before items 0..3
+    await wait_until(lambda: backend.active == 1)
+    assert not task.done()
+    backend.gates[0].set()
+    np.testing.assert_array_equal(await within(task), expected(x))
+    await b.stop()
+
+
+async def test_flush_without_delay_sends_queued_items_and_keeps_accepting() -> None:
+    """What a drain does first: nothing queued waits for the (hour-long) delay, late submitters still get in."""
+    fake = FakeBackend()
+    b = await make(fake, max_batch_size=8, delay_s=3600.0)
+    early = asyncio.create_task(b.submit(items_for(1, 2)))
+    await wait_until(lambda: b.depth == 2)
+    b.flush_without_delay()
+    np.testing.assert_array_equal(await within(early), expected(items_for(1, 2)))
+    late = await within(b.submit(items_for(2, 1)))           # still accepted, and not held for company
+    np.testing.assert_array_equal(late, expected(items_for(2, 1)))
+    assert fake.sizes == [2, 1]
+    await b.stop()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from procs import free_port, imgserve_executable, run_gateway
+from tests.procs import imgserve_executable, refused_port, run_gateway
 
 CLI_TIMEOUT_S = 60
 
@@ -25,6 +25,13 @@ def imgserve(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
 def top1_rows(table: str) -> list[tuple[str, int]]:
     """(label, index) of every 'rank 1' row in the classify table output."""
     return [(m.group(1), int(m.group(2))) for m in re.finditer(r"^\s+1\s+(\S+)\s+(\d+)\s+[0-9.]+$", table, re.M)]
+
+
+@pytest.fixture()
+def refused() -> Iterator[int]:
+    """A port held for the test where connections are refused."""
+    with refused_port() as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +122,10 @@ def garbage_file(tmp_path: Path) -> Path:
     ("no model flag", 2, "--model"),
 ])
 def test_classify_errors_are_one_clear_line(gateway: object, digit_files: list[tuple[Path, int]], tmp_path: Path,
-                                            case: str, code: int, fragment: str) -> None:
+                                            refused: int, case: str, code: int, fragment: str) -> None:
     digit = str(digit_files[0][0])
     server = ["--server", gateway.grpc_target]  # type: ignore[attr-defined]
-    dead = free_port()
+    dead = refused
     args = {
         "unknown model": [digit, *server, "--model", "no_such_model"],
         "garbage image": [str(garbage_file(tmp_path)), *server, "--model", "lenet5"],
@@ -137,6 +144,6 @@ def test_classify_errors_are_one_clear_line(gateway: object, digit_files: list[t
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("imgserve classify: ")
 
 
-def test_models_error_exit_code() -> None:
-    result = imgserve("models", "--server", f"127.0.0.1:{free_port()}", "--timeout", "5")
+def test_models_error_exit_code(refused: int) -> None:
+    result = imgserve("models", "--server", f"127.0.0.1:{refused}", "--timeout", "5")
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr and "Traceback" not in result.stderr

@@ -111,18 +111,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(model_repo: Path) -> N
             threads = [threading.Thread(target=call) for _ in range(4)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120   # only turns a hang into a failure
             while in_flight(gw, "grpc.Classify") < 4:
                 assert time.monotonic() < deadline, "requests never got in flight"
                 time.sleep(0.02)
-            t0 = time.monotonic()
             gw.proc.send_signal(signal.SIGTERM)
             for t in threads:
                 t.join(timeout=90)
-            code = gw.proc.wait(timeout=60)
-            elapsed = time.monotonic() - t0
+            code = gw.proc.wait(timeout=120)
         assert code == 0, gw.stderr()[-3000:]
-        assert elapsed < 30, f"took {elapsed:.1f} s to drain and exit"
+        # Drained because the requests finished, not because the 60 s grace ran out:
+        # nothing had to be failed or cut off (the log says so when it happens).
+        log = gw.stderr()
+        assert "failing them" not in log and "drain timed out" not in log, log[-3000:]
         assert len(results) == 4
         for result in results:
             assert isinstance(result, pb.ClassifyResponse), f"in-flight request failed: {result}"
@@ -134,9 +135,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(model_repo: Path) -> N
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_sigterm_when_idle_exits_promptly(model_repo: Path) -> None:
-    with run_gateway(model_repo, extra_args=["--backend-threads", "1"]) as gw:
-        t0 = time.monotonic()
-        code = gw.stop(timeout_s=20)
+def test_sigterm_when_idle_exits_without_waiting_for_the_grace(model_repo: Path) -> None:
+    """An hour of grace: an idle gateway that waited for it would never exit within stop()'s wait."""
+    with run_gateway(model_repo, extra_args=["--backend-threads", "1", "--shutdown-grace-s", "3600"]) as gw:
+        code = gw.stop(timeout_s=120)   # generous for a loaded machine; far below the grace
         assert code == 0, gw.stderr()[-3000:]
-        assert time.monotonic() - t0 < 5
+        assert "stopped" in gw.stderr()

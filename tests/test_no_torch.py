@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.requirements import running_in_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("serving", "clients")
 
@@ -58,8 +60,9 @@ def test_no_module_of_serving_or_clients_pulls_in_torch() -> None:
     for must in ("serving.app", "serving.cli", "serving.dataplane", "serving.transports.http",
                  "serving.transports.grpc_v2", "serving.backends.onnxruntime", "clients.cli"):
         assert must in imported, f"{must} was not imported"
-    assert set(report["skipped"]) <= {"serving.backends.triton", "serving.triton_onnx_backend.model"}, \
-        report["skipped"]
+    # tritonclient is optional for a bare install, but CI installs it: there every module must import
+    allowed = {"serving.triton_onnx_backend.model"} | (set() if running_in_ci() else {"serving.backends.triton"})
+    assert set(report["skipped"]) <= allowed, report["skipped"]
     assert report["help_code"] in (0, None) and "usage" in report["help"].lower()
     assert report["torch"] == [], f"torch was imported: {report['torch'][:5]}"
 

@@ -10,6 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from serving.repository import (CONFIG_FILE, LABELS_FILE, MODEL_FILE, ModelSpec, Preprocess, RepositoryError,
                                 config_text, list_versions, next_version, parse_config, read_model,
                                 scan_repository, write_model)
+from tests.requirements import require_module
 
 
 def _spec(name: str = "digits", **kw) -> ModelSpec:
@@ -187,7 +188,7 @@ def test_preprocess_validates_sizes() -> None:
 # ------------------------------------------------------------------ imgserve build-repo
 
 def test_build_repo_if_missing_leaves_a_filled_repository_alone(tmp_path: Path, onnx_file: Path, capsys) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     from export.build_repo import main, repository_has_models
 
     repo = tmp_path / "repo"
@@ -200,7 +201,7 @@ def test_build_repo_if_missing_leaves_a_filled_repository_alone(tmp_path: Path, 
 
 
 def test_publish_adds_new_versions_next_to_served_ones(tmp_path: Path, onnx_file: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     from export.build_repo import publish
 
     repo, staging = tmp_path / "repo", tmp_path / "staging"
@@ -215,7 +216,7 @@ def test_publish_adds_new_versions_next_to_served_ones(tmp_path: Path, onnx_file
 
 
 def test_a_failing_builder_leaves_the_repository_unchanged(tmp_path: Path, onnx_file: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     from export.build_repo import BuildContext, BuiltModel, DefaultModel, build_repository
 
     def good(ctx: BuildContext) -> BuiltModel:
@@ -237,7 +238,7 @@ def test_a_failing_builder_leaves_the_repository_unchanged(tmp_path: Path, onnx_
 
 @pytest.mark.slow
 def test_build_repo_command_trains_and_exports_lenet(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     from clients.cli import main as imgserve
 
     repo, runs = tmp_path / "model_repository", tmp_path / "runs"

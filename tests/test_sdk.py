@@ -25,7 +25,7 @@ from clients.sdk import (AsyncImageClient, ClassifyResult, DeadlineExceeded, Ima
 from clients.sdk.errors import from_grpc, from_http
 from clients.sdk.images import as_image_list, encode_images, to_image_bytes
 from clients.sdk.wire import Endpoint, parse_target
-from procs import free_port, run_gateway
+from tests.procs import refused_port, run_gateway
 
 N_DIGITS = 12
 KINDS = ("path", "bytes", "pil", "array")
@@ -175,10 +175,10 @@ def test_grpc_errors_map_to_the_hierarchy() -> None:
 
 @pytest.mark.parametrize("protocol, is_async", CLIENTS, ids=CLIENT_IDS)
 def test_refused_connection_is_unavailable(protocol: str, is_async: bool) -> None:
-    port = free_port()  # nothing listens there
-    addr = f"127.0.0.1:{port}" if protocol == "grpc" else f"http://127.0.0.1:{port}"
-    with pytest.raises(Unavailable):
-        call(addr, is_async, "models")
+    with refused_port() as port:  # held for the test, nothing listens there
+        addr = f"127.0.0.1:{port}" if protocol == "grpc" else f"http://127.0.0.1:{port}"
+        with pytest.raises(Unavailable):
+            call(addr, is_async, "models")
 
 
 @pytest.fixture()

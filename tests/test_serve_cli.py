@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, free_port, imgserve_executable, run_gateway
+from tests.procs import ROOT, imgserve_executable, run_gateway
 
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -59,7 +59,7 @@ def test_port_in_use_is_a_clear_error(model_repo: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = serve("--model-repository", str(model_repo), "--grpc-port", str(free_port()),
+        result = serve("--model-repository", str(model_repo), "--grpc-port", "0",   # 0: the OS picks
                        "--http-port", str(port), "--backend-threads", "1")
     assert result.returncode == 1, result.stderr
     assert "cannot listen for HTTP" in result.stderr and "Traceback" not in result.stderr
@@ -73,7 +73,7 @@ def test_grpc_port_is_never_shared(model_repo: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = serve("--model-repository", str(model_repo), "--grpc-port", str(port),
-                       "--http-port", str(free_port()), "--backend-threads", "1")
+                       "--http-port", "0", "--backend-threads", "1")
     assert result.returncode == 1, result.stderr
     assert "cannot listen for gRPC" in result.stderr and "Traceback" not in result.stderr
 

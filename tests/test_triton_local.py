@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,13 +23,13 @@ import tritonclient.grpc.aio as triton_aio
 from google.protobuf import text_format
 
 from serving.repository import parse_config
-from serving.triton_local import SHM_DIR, TritonLocal, TritonLocalError, free_port
+from serving.triton_local import SHM_DIR, TritonLocal, TritonLocalError
 from serving.triton_local import main as triton_local_main
+from tests.procs import imgserve_executable
 
 pytestmark = pytest.mark.triton   # the suite-wide timeout (900 s) also covers building model_repo
 
 ROOT = Path(__file__).resolve().parents[1]
-IMGSERVE = ROOT / ".venv" / "bin" / "imgserve"
 STARTUP_TIMEOUT_S = 180.0   # generous: the suite shares 2 busy cores
 
 
@@ -211,26 +212,30 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
+READY_LINE = re.compile(r"triton-local ready in \S+: grpc (\S+)\s+http (\S+)")
+
+
 @pytest.mark.slow
 def test_cli_runs_until_sigterm(model_repo: Path) -> None:
-    ports = [free_port() for _ in range(3)]
+    """Ports 0: the command picks them (retrying if one is taken meanwhile) and says which in its ready line."""
     proc = subprocess.Popen(
-        [str(IMGSERVE), "triton-local", "--model-repository", str(model_repo), "--grpc-port", str(ports[0]),
-         "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--startup-timeout", str(STARTUP_TIMEOUT_S)],
+        [str(imgserve_executable()), "triton-local", "--model-repository", str(model_repo), "--grpc-port", "0",
+         "--http-port", "0", "--metrics-port", "0", "--startup-timeout", str(STARTUP_TIMEOUT_S)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[bytes] = []
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None and not ready:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=2) as resp:
-                    ready = resp.status == 200
-            except OSError:
-                time.sleep(0.2)
-        assert ready, "triton-local did not become ready"
+        ready = None
+        while ready is None:   # bounded by the command's own --startup-timeout (it exits, the pipe closes)
+            line = proc.stdout.readline()
+            assert line, "triton-local exited before it was ready:\n" + b"".join(lines).decode(errors="replace")
+            lines.append(line)
+            ready = READY_LINE.search(line.decode(errors="replace"))
+        grpc_url, http_url = ready.group(1), ready.group(2)
+        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=30) as resp:
+            assert resp.status == 200
         server_pids = _children(proc.pid)
         assert len(server_pids) == 1
-        out = triton_infer(f"127.0.0.1:{ports[0]}", "lenet5", np.zeros((2, 28, 28, 1), np.uint8))
+        out = triton_infer(grpc_url, "lenet5", np.zeros((2, 28, 28, 1), np.uint8))
         assert out.shape == (2, 10)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
@@ -238,7 +243,7 @@ def test_cli_runs_until_sigterm(model_repo: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    text = output.decode(errors="replace")
+    text = b"".join(lines).decode(errors="replace") + output.decode(errors="replace")
     assert proc.returncode == 0, text
     assert "triton-local ready" in text
     assert not group_alive(server_pids[0])
@@ -255,7 +260,7 @@ def test_tritonserver_dies_with_its_parent(model_repo: Path) -> None:
         "print(t.proc.pid, t.shm_prefix, t.work_dir, flush=True)\n"
         "time.sleep(600)\n"
     )
-    parent = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script], cwd=ROOT,
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     work_dir = None
     try:
@@ -276,3 +281,28 @@ def test_tritonserver_dies_with_its_parent(model_repo: Path) -> None:
             parent.wait()
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def test_a_picked_port_taken_meanwhile_is_picked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race every free-port picker has: another process binds the port before Triton does.
+    Forced here by handing out a port that is already listening as the first pick."""
+    import socket
+
+    from serving import triton_local
+
+    real_free_port = triton_local.free_port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        picks = iter([taken])
+        monkeypatch.setattr(triton_local, "free_port", lambda host="127.0.0.1": next(picks, 0) or real_free_port(host))
+        with TritonLocal(tmp_path, startup_timeout_s=STARTUP_TIMEOUT_S) as server:   # an empty repository
+            assert server.grpc_port != taken
+            with triton_grpc.InferenceServerClient(server.grpc_url) as client:
+                assert client.is_server_ready()
+        # a port the caller asked for is not silently replaced: the start fails
+        explicit = TritonLocal(tmp_path, grpc_port=taken, startup_timeout_s=STARTUP_TIMEOUT_S)
+        with pytest.raises(TritonLocalError):
+            explicit.start()
+        assert explicit.grpc_port == taken

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.requirements import require_module  # noqa: E402
+
+torch = require_module("torch")
 
 from export.data.mnist import MnistDataset, load_mnist_5k, mnist_split  # noqa: E402
 from export.engine import (MetricsLog, load_checkpoint, save_checkpoint, seed_everything,  # noqa: E402

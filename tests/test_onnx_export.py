@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+from tests.requirements import require_module  # noqa: E402
+
+torch = require_module("torch")
+onnx = require_module("onnx")
+ort = require_module("onnxruntime")
 
 from export.models import create_model, get_entry  # noqa: E402
 from export.onnx_export import (INPUT_NAME, OUTPUT_NAME, ExportError, build_serving_graph,  # noqa: E402

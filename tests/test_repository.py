@@ -242,13 +242,15 @@ def test_build_repo_command_trains_and_exports_lenet(tmp_path: Path, capsys) -> 
     from clients.cli import main as imgserve
 
     repo, runs = tmp_path / "model_repository", tmp_path / "runs"
+    # The full default build is the session's default_repository fixture; here the CLI path, with --only.
     rc = imgserve(["build-repo", "--model-repository", str(repo), "--runs-dir", str(runs), "--epochs", "2",
-                   "--quiet"])
+                   "--quiet", "--only", "lenet5"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "lenet5 v1: test accuracy" in out and str(runs / "lenet5") in out
     accuracy = float(out.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.8  # two epochs are plenty to leave chance (0.1) far behind
+    assert set(scan_repository(repo)) == {"lenet5"}
     local = scan_repository(repo)["lenet5"]
     assert local.spec.input_shape == (28, 28, 1) and local.spec.labels == tuple(str(i) for i in range(10))
     assert (runs / "lenet5" / "metrics.png").is_file() and (runs / "lenet5" / "metrics.json").is_file()

@@ -5,7 +5,7 @@
 # BASE_IMAGE must be pinned by digest (name@sha256:...). `make image` builds it from Debian
 # bookworm packages with debootstrap (scripts/image/debian-base.sh: Python 3.11 from Debian, no
 # compilers) and passes its digest; push that base to your registry to build elsewhere.
-# Python packages come from build/wheels (`make wheels`, run on the host), so every RUN works
+# Python packages come from build/wheels (scripts/image/build.sh fills it on the host), so every RUN works
 # without network access and the image holds exactly the wheels that were checked.
 ARG BASE_IMAGE
 
@@ -41,6 +41,8 @@ CMD ["build-repo", "--model-repository", "/models"]
 # ---------------------------------------------------------------- runtime: the gateway
 FROM ${BASE_IMAGE} AS runtime
 COPY --from=build /opt/imgserve /opt/imgserve
+# Mount point of the model repository (a read-only root filesystem cannot create it at run time).
+RUN mkdir /models
 ENV PATH=/opt/imgserve/bin:/usr/local/bin:/usr/bin:/bin \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \

@@ -261,6 +261,9 @@ def repository_mount_problems(docs: list[Doc]) -> list[str]:
             wanted = triton_repository_arg(container) or ""
             if re.match(r"^(s3|gs|as)://|^\$\(", wanted):
                 continue
+        elif container["name"] == "build-repository":
+            args = list(container.get("args", []))
+            wanted = args[args.index("--model-repository") + 1] if "--model-repository" in args else ""
         else:
             continue
         volume = mounts.get(wanted)

@@ -7,6 +7,7 @@ dashboard in test_k8s_monitoring.py. Each check here also runs on a broken fixtu
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -85,6 +86,15 @@ def test_build_repository_job_is_schema_valid() -> None:
     (job,) = docs
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"][:1] == ["build-repo"] and "--model-repository" in container["args"]
+
+
+def test_build_repository_job_writes_where_the_overlays_read(rendered: dict) -> None:
+    job = kc.load(kc.K8S / "jobs" / "build-repository.yaml")
+    for overlay in ("gpu", "sidecar", "cpu"):
+        assert kc.repository_mount_problems(rendered[overlay] + job) == []
+    wrong = json.loads(json.dumps(job))
+    wrong[0]["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "elsewhere"
+    assert any("different repositories" in p for p in kc.repository_mount_problems(rendered["gpu"] + wrong))
 
 
 # ------------------------------------------------------------------ layout of each overlay

@@ -22,8 +22,8 @@ base=$(scripts/image/debian-base.sh)
 "${BUILDAH[@]}" build --isolation chroot --format docker --layers \
   --build-arg "BASE_IMAGE=$base" --target runtime -t "$IMAGE" -f Dockerfile . >&2
 
-size=$("${BUILDAH[@]}" inspect --type image --format '{{.ImageSize}}' "$IMAGE" 2>/dev/null || echo 0)
+size=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" | head -n1)
 cat > build/image/facts.json <<JSON
-{"image": "$IMAGE", "base": "$base", "size_bytes": $size, "build_seconds": $(( $(date +%s) - start ))}
+{"image": "$IMAGE", "base": "$base", "size": "$size", "build_seconds": $(( $(date +%s) - start ))}
 JSON
 cat build/image/facts.json

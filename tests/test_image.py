@@ -238,9 +238,41 @@ def wait_and_classify(proc: subprocess.Popen, grpc_port: int, digit: bytes, log:
         return client.classify(digit, model="lenet5", top_k=1)[0][0].label
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def gateway_pid(proc: subprocess.Popen) -> int:
+    """The gateway process under ``proc`` (itself, or the one `buildah run` started)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/imgserve") for a in argv) and b"serve" in argv:
+            return pid
+    raise LookupError(f"no gateway process under {proc.pid}")
+
+
 def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM to the process group we started (buildah / unshare and the gateway under it)."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to the gateway itself, as the kubelet does to a container's PID 1.
+
+    (`buildah run` with chroot isolation does not forward SIGTERM: it SIGKILLs its child.)
+    """
+    os.kill(gateway_pid(proc), signal.SIGTERM)
     try:
         return proc.wait(timeout=60)
     except subprocess.TimeoutExpired:

@@ -64,6 +64,9 @@ def test_overlay_renders_exactly_the_expected_objects(rendered: dict, overlay: s
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == EXPECTED[overlay]
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in namespaced} == {"imgserve"}
+    unlabelled = [d["metadata"]["name"] for d in docs
+                  if d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") != "imgserve"]
+    assert unlabelled == []
 
 
 @pytest.mark.parametrize("version", kc.K8S_VERSIONS)

@@ -187,6 +187,15 @@ def test_base_is_pinned_by_digest(image: dict) -> None:
 
 
 @image_test
+def test_image_config_keeps_user_stop_signal_and_healthcheck(image: dict) -> None:
+    config = json.loads(subprocess.run([*BUILDAH, "inspect", "--type", "image", image["image"]], check=True,
+                                       capture_output=True, text=True).stdout)["Docker"]["config"]
+    assert config["User"] == "10001:10001" and config["StopSignal"] == "SIGTERM"
+    assert "/healthz" in " ".join(config["Healthcheck"]["Test"])
+    assert config["Entrypoint"] == ["/opt/imgserve/bin/imgserve"] and config["Cmd"] == ["serve"]
+
+
+@image_test
 def test_image_has_no_torch_no_compilers_and_runs_as_non_root(container: str) -> None:
     assert run_in(container, "id -u").strip() == "10001"
     dists = json.loads(run_in(container, "/opt/imgserve/bin/python -c 'import json, importlib.metadata as m; "
@@ -280,25 +289,32 @@ def stop(proc: subprocess.Popen) -> int:
         raise
 
 
+def serve_and_classify(argv: list[str], grpc_port: int, digit: bytes, log: Path) -> tuple[str, int, str]:
+    """Start the gateway with ``argv``, classify ``digit`` once it is SERVING, SIGTERM it:
+    (label, exit code, its log)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            label = wait_and_classify(proc, grpc_port, digit, log)
+        finally:
+            code = stop(proc)
+    return label, code, log.read_text()
+
+
 @image_test
 def test_image_serves_the_default_repository(container: str, default_repository: Path,
                                              mnist_heldout: tuple[np.ndarray, np.ndarray], ports: tuple[int, int],
                                              tmp_path: Path) -> None:
     digit, truth = png_digit(mnist_heldout)
     grpc_port, http_port = ports
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*BUILDAH, "run", "--isolation", "chroot", "-v", f"{default_repository}:/models:ro",
-             "-e", f"IMGSERVE_GRPC_PORT={grpc_port}", "-e", f"IMGSERVE_HTTP_PORT={http_port}",
-             "-e", "IMGSERVE_HOST=127.0.0.1", container, "--", "/opt/imgserve/bin/imgserve", "serve"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            assert wait_and_classify(proc, grpc_port, digit, log) == truth
-        finally:
-            code = stop(proc)
-    assert code == 0, log.read_text()[-3000:]
-    assert "draining" in log.read_text(), "SIGTERM reached the gateway and it drained"
+    label, code, log = serve_and_classify(
+        [*BUILDAH, "run", "--isolation", "chroot", "-v", f"{default_repository}:/models:ro",
+         "-e", f"IMGSERVE_GRPC_PORT={grpc_port}", "-e", f"IMGSERVE_HTTP_PORT={http_port}",
+         "-e", "IMGSERVE_HOST=127.0.0.1", container, "--", "/opt/imgserve/bin/imgserve", "serve"],
+        grpc_port, digit, tmp_path / "gateway.log")
+    assert label == truth
+    assert code == 0, log[-3000:]
+    assert "draining" in log, "SIGTERM reached the gateway and it drained"
 
 
 @image_test
@@ -323,16 +339,12 @@ def test_image_serves_from_a_read_only_root_filesystem(container: str, image: di
               f"mount -t tmpfs -o size=64m tmpfs {target}/tmp; mount --bind -o ro {default_repository} {target}/models; "
               f"cd {target}/tmp; exec chroot --userspec={config['User']} {target} env -i "
               + " ".join(f"'{e}'" for e in env) + " " + " ".join(command))
-    log = tmp_path / "gateway-ro.log"
     try:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                assert wait_and_classify(proc, grpc_port, digit, log) == truth
-            finally:
-                code = stop(proc)
-        assert code == 0, log.read_text()[-3000:]
+        label, code, log = serve_and_classify(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                              grpc_port, digit, tmp_path / "gateway-ro.log")
+        assert label == truth
+        assert code == 0, log[-3000:]
+        assert "Read-only file system" not in log
     finally:
         subprocess.run([*BUILDAH, "umount", container], capture_output=True)
         target.rmdir()

@@ -177,4 +177,4 @@ def test_build_repository_job_args_are_accepted() -> None:
     parsed = parse_args(container["args"][1:])
     assert str(parsed.model_repository) == container["volumeMounts"][0]["mountPath"]
     with pytest.raises(SystemExit):
-        parse_args(["--model-repo", "/models"])    # the same parser rejects a wrong flag
+        parse_args(["--model-store", "/models"])    # the same parser rejects a wrong flag

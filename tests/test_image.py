@@ -157,9 +157,12 @@ def image() -> dict:
     require_tool("buildah")
     require_tool("debootstrap")
     began = time.monotonic()
-    subprocess.run(["scripts/image/build.sh"], cwd=ROOT, check=True, env={**os.environ, "PY": sys.executable},
-                   stdout=subprocess.DEVNULL)
-    facts = json.loads((ROOT / "build" / "image" / "facts.json").read_text())
+    facts_file = ROOT / "build" / "image" / "facts.json"
+    # Locally, IMGSERVE_IMAGE_TEST_REUSE=1 tests the image the last build made; CI always builds.
+    if not (os.environ.get("IMGSERVE_IMAGE_TEST_REUSE") and not os.environ.get("CI") and facts_file.is_file()):
+        subprocess.run(["scripts/image/build.sh"], cwd=ROOT, check=True, env={**os.environ, "PY": sys.executable},
+                       stdout=subprocess.DEVNULL)
+    facts = json.loads(facts_file.read_text())
     facts["measured_build_seconds"] = round(time.monotonic() - began)
     print(f"\nimage {facts['image']}: {facts['size']}, built in {facts['measured_build_seconds']} s "
           f"from {facts['base']}")
@@ -265,8 +268,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def gateway_pid(proc: subprocess.Popen) -> int:
-    """The gateway process under ``proc`` (itself, or the one `buildah run` started)."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
+    """The gateway process under ``proc``: the deepest one whose argv runs imgserve serve (buildah's own
+    intermediate processes carry the same command in their argv)."""
+    for pid in reversed([proc.pid, *descendants(proc.pid)]):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:

@@ -87,6 +87,9 @@ def stack(model_repo: Path, mnist_heldout: tuple[np.ndarray, np.ndarray]) -> Ite
 
 def test_gateway_classifies_through_triton_found_by_name(stack: Stack) -> None:
     assert stack.answer == stack.truth
+    # the gateway resolved the name itself (DNS discovery), as it must for a headless Service
+    log = stack.gateway.stderr()
+    assert "Triton servers: added" in log and f"127.0.0.1:{stack.triton.grpc_port}" in log, log[-3000:]
     assert "--model-control-mode=explicit" in stack.triton_args and "--load-model=*" in stack.triton_args
 
 

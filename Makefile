@@ -5,12 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 IMGSERVE := $(VENV)/bin/imgserve
 STAMP := $(VENV)/.installed
+CHECKOV := .tools/checkov/bin/checkov
 REPO ?= model_repository
 GRPC_PORT ?= 8500
 HTTP_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install repo run test tools lint clean proto
+.PHONY: install repo run test tools lint clean proto image image-tools image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,25 @@ tools:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 	  || { if [ "$${CI:-}" = "true" ] || [ "$${CI:-}" = "1" ]; then echo "ERROR: could not install promtool (required under CI)"; exit 1; \
 	       else echo "WARNING: could not install promtool; its tests will be skipped"; fi; }; }
+	@test -x $(CHECKOV) || { echo "installing checkov into .tools/checkov (its pins clash with ours)"; \
+	  ($(PYTHON) -m venv .tools/checkov && .tools/checkov/bin/pip install -q 'checkov==3.3.30') \
+	  || { if [ "$${CI:-}" = "true" ] || [ "$${CI:-}" = "1" ]; then echo "ERROR: could not install checkov (required under CI)"; exit 1; \
+	       else echo "WARNING: could not install checkov; its tests will be skipped"; fi; }; }
+
+# buildah and debootstrap build the container image without a Docker daemon or a registry.
+image-tools:
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || { echo "installing buildah and debootstrap from apt"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null) \
+	  || echo "WARNING: could not install buildah/debootstrap; make image will fail"; }
+
+# The gateway image (Dockerfile, target runtime) built with buildah from a Debian base made by
+# debootstrap: see docs/deploy.md. Writes build/image/facts.json.
+image: install image-tools
+	PY=$(PY) scripts/image/build.sh
+
+# Builds the image, serves the default repository from it and classifies a digit (several minutes).
+image-test: install tools image-tools
+	IMGSERVE_IMAGE_TEST=1 $(PY) -m pytest -ra tests/test_image.py $(PYTEST_ARGS)
 
 test: install tools
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -28,6 +28,7 @@ class Settings:
     default_top_k: int = 5
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
     triton_health_interval_s: float = 2.0
+    triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
     extra: dict[str, str] = field(default_factory=dict)
@@ -71,6 +72,8 @@ class Settings:
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} out of range")
+        if self.triton_resolve_interval_s < 0:
+            raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:

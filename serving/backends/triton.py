@@ -16,6 +16,10 @@ Why this shape:
   fails with UNAVAILABLE marks its server unhealthy and is retried once on the
   next healthy server. Batches larger than a model's ``max_batch_size`` are split
   into chunks that are sent concurrently (and so spread across servers).
+* With ``settings.triton_resolve_interval_s`` > 0 each URL's host is a DNS name that may
+  stand for many servers (a Kubernetes headless Service): it is resolved at start and again
+  every interval (``triton_discovery``), one client per address; servers that leave DNS are
+  dropped, and their clients closed once calls in flight on them had time to finish.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from serving.backends.base import Backend
+from serving.backends.triton_discovery import Resolver, discover, resolve_addresses
 from serving.errors import (
     BackendError,
     BackendUnavailable,
@@ -120,7 +125,7 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver = resolve_addresses) -> None:
         urls = settings.triton_urls
         if not urls:
             raise ValueError("the triton backend needs settings.triton_url (host:port[,host:port...])")
@@ -133,15 +138,25 @@ class TritonBackend(Backend):
         self._refresh_lock = asyncio.Lock()
         self._call_timeout_s = max(1.0, settings.request_timeout_s)
         self._probe_timeout_s = min(5.0, max(0.5, settings.triton_health_interval_s))
+        self._resolver = resolver
+        self._resolve_interval_s = settings.triton_resolve_interval_s
+        self._next_resolve = 0.0
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: list[_Server] = []
+        self._unresolved: dict[str, str] = {}              # configured URL -> why it did not resolve
+        self._endpoints_of: dict[str, list[str]] = {}   # configured URL -> endpoints it last resolved to
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        args = channel_args(self.settings.max_message_bytes)
-        self._servers = [_Server(url, triton_aio.InferenceServerClient(url, channel_args=args)) for url in self._urls]
+        if self._resolve_interval_s > 0:
+            await self.rediscover()
+        else:
+            self._servers = [self._new_server(url) for url in self._urls]
         await self.check_health()
         if not any(s.healthy for s in self._servers):
-            details = "; ".join(f"{s.url}: {s.last_error or 'not ready'}" for s in self._servers)
+            details = "; ".join([f"{s.url}: {s.last_error or 'not ready'}" for s in self._servers]
+                                + [f"{url}: cannot resolve ({why})" for url, why in self._unresolved.items()])
             await self.close()
             raise BackendUnavailable(f"no Triton server is ready ({details})")
         self._health_task = asyncio.create_task(self._health_loop(), name="triton-health")
@@ -152,18 +167,73 @@ class TritonBackend(Backend):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        servers, self._servers = self._servers, []
+        for retiring in list(self._retiring):  # their clients are closed right below instead
+            retiring.cancel()
+        servers, self._servers = self._servers + [s for s in self._retired], []
+        self._retired = []
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.client.close()
+
+    def _new_server(self, url: str) -> _Server:
+        args = channel_args(self.settings.max_message_bytes)
+        return _Server(url, triton_aio.InferenceServerClient(url, channel_args=args))
+
+    # ------------------------------------------------------------ DNS discovery
+
+    async def rediscover(self) -> None:
+        """Resolve the configured URLs again and make the server list match the addresses found.
+
+        New addresses get a client (healthy after their first probe); addresses that left DNS are
+        dropped at once for new calls. A URL that does not resolve keeps the servers it had, as a
+        DNS outage or a moment with no ready pod must not empty a working list.
+        """
+        found = await discover(self._urls, self._resolver)
+        self._unresolved = dict(found.failures)
+        for url, why in found.failures.items():
+            log.warning("cannot resolve Triton URL %s (%s); keeping the servers it had", url, why)
+        by_url = dict(found.resolved)
+        for url in found.failures:
+            by_url[url] = self._endpoints_of.get(url, [])
+        self._endpoints_of = by_url
+        wanted = list(dict.fromkeys(e for url in self._urls for e in by_url.get(url, [])))
+        current = {s.url: s for s in self._servers}
+        added = [u for u in wanted if u not in current]
+        removed = [s for u, s in current.items() if u not in wanted]
+        if added or removed:
+            log.info("Triton servers: added %s, removed %s", added, [s.url for s in removed])
+        self._servers = [current.get(u) or self._new_server(u) for u in wanted]
+        for server in removed:
+            self._retire(server)
+        self._next_resolve = asyncio.get_running_loop().time() + self._resolve_interval_s
+
+    def _retire(self, server: _Server) -> None:
+        """Close a dropped server's client after calls already sent to it had time to finish."""
+        self._retired.append(server)
+
+        async def close_later() -> None:
+            try:
+                await asyncio.sleep(self._call_timeout_s)
+            finally:
+                if server in self._retired:
+                    self._retired.remove(server)
+                    with contextlib.suppress(Exception):
+                        await server.client.close()
+
+        task = asyncio.create_task(close_later(), name=f"triton-retire-{server.url}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------ health and model specs
 
     async def _health_loop(self) -> None:
         interval = max(0.05, self.settings.triton_health_interval_s)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             try:
+                if self._resolve_interval_s > 0 and loop.time() >= self._next_resolve:
+                    await self.rediscover()
                 await self.check_health()
             except Exception:  # never let the loop die; the next round tries again
                 log.exception("Triton health check failed unexpectedly")

@@ -224,7 +224,7 @@ class CifarAlexNet(nn.Module):
     the convolutions only it still learned several times slower than ResNet-20.
     """
 
-    def __init__(self, num_classes: int = 10, *, width: int = 32, hidden: int = 256, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, *, width: int = 32, hidden: int = 1024, in_channels: int = 3) -> None:
         super().__init__()
         w = width
 

@@ -84,4 +84,6 @@ def test_start_banner_has_addresses_and_a_client_command(model_repo: Path) -> No
     port = gw.grpc_target.rsplit(":", 1)[1]
     assert f"gRPC:    127.0.0.1:{port}" in out
     assert gw.http_url in out
-    assert f"imgserve classify some.png --server 127.0.0.1:{port} --model lenet5" in out
+    # run from the repository root (run_gateway's cwd), so the shipped sample digit is the example
+    assert f"imgserve classify examples/images/digit_7.png --server 127.0.0.1:{port} --model lenet5" in out
+    assert "listening on 127.0.0.1" in out

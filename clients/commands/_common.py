@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from clients.sdk.errors import ImgserveError
@@ -62,3 +63,8 @@ def report_error(command: str, exc: ImgserveError, server: str) -> int:
     where = f" ({server})" if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and server not in exc.message else ""
     print(f"imgserve {command}: {exc.code}{where}: {exc.message}", file=sys.stderr)
     return EXIT_REQUEST_FAILED
+
+
+def compact_json(doc: object) -> str:
+    """One line of JSON without spaces, like the gateway's own answers (easy to pipe into jq or grep)."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)

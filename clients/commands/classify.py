@@ -111,7 +111,8 @@ class Printer:
 
     def file_error(self, file: ImageFile, code: str, message: str) -> None:
         """One line on stderr; in JSON mode also a record, so the array has an entry per file."""
-        print(f"imgserve classify: {file.name}: {code}: {message}", file=sys.stderr, flush=True)
+        shown = "stdin" if file.name == STDIN else file.name
+        print(f"imgserve classify: {shown}: {code}: {message}", file=sys.stderr, flush=True)
         if self.as_json:
             self.records.append((file.position, {"image": file.name, "error": {"code": code, "message": message}}))
 

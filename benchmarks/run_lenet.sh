@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Issue #3's benchmark matrix: LeNet-5 at concurrency 1 and 32, without and with 10-crop,
 # on both backends (embedded ONNX Runtime, and Triton via `imgserve triton-local`).
-# Writes one JSON + one PNG per (backend, 10-crop) cell and a summary table into $OUT.
+# Writes one JSON + one PNG per (backend, 10-crop) cell and a summary table into $OUT, by default a
+# fresh runs/bench-lenet5-<time>/ (git-ignored): a run never overwrites the committed results unless
+# told to with OUT=benchmarks/results.
 #
 #   benchmarks/run_lenet.sh                       # the full matrix, 20 s per step
 #   DURATION=5 BACKENDS=embedded benchmarks/run_lenet.sh
+#   OUT=benchmarks/results benchmarks/run_lenet.sh   # refresh the committed results
 #
 # Settings (environment variables):
 #   REPO         model repository holding lenet5 (default model_repository; built with
 #                `imgserve build-repo --only lenet5` into a scratch repository when it has no lenet5)
-#   OUT          results directory (default benchmarks/results)
+#   OUT          results directory (default runs/bench-lenet5-YYYYmmdd-HHMMSS)
 #   BACKENDS     "embedded triton" (default) or either one
 #   CONCURRENCY  default 1,32      DURATION  seconds per step, default 20      WARMUP  default 3
 #   PROTOCOL     grpc (default) or http
@@ -20,7 +23,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 IMGSERVE=${IMGSERVE:-.venv/bin/imgserve}
 REPO=${REPO:-model_repository}
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-runs/bench-lenet5-$(date +%Y%m%d-%H%M%S)}
 BACKENDS=${BACKENDS:-embedded triton}
 CONCURRENCY=${CONCURRENCY:-1,32}
 DURATION=${DURATION:-20}

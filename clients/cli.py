@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from clients.version import installed_version
+
 # subcommand -> module with main(argv) -> int, and a one-line summary
 COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("clients.commands.classify", "classify images through a running gateway"),
@@ -19,12 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-repo": ("export.build_repo", "train and export the default model repository"),
     "train": ("export.train", "train a registered classifier on an ImageFolder"),
     "export": ("export.export_cli", "export a registered model (random, file or torchvision weights)"),
+    "wrap-onnx": ("export.wrap_onnx", "wrap an existing ONNX classifier into the model repository format"),
     "make-dataset": ("export.data.make_dataset", "generate a learnable dataset (shapes) as an ImageFolder"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: imgserve COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: imgserve [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<14} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "Run 'imgserve COMMAND --help' for a command's options."]
     return "\n".join(lines)
@@ -32,8 +35,14 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # like git and kubectl: no command is a usage error, so scripts notice
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"imgserve {installed_version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

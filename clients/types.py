@@ -77,7 +77,9 @@ class ModelInfo:
     """A model the gateway serves, with the preprocessing facts a client may need.
 
     ``resize``: the shorter image side is resized to this, then centre-cropped square;
-    ``crop``: the model's input side; ``channels``: 1 (greyscale) or 3 (RGB).
+    ``crop``: the model's input side; ``channels``: 1 (greyscale) or 3 (RGB);
+    ``description``: free text from the model's config (empty when it has none; last and
+    defaulted so code that builds ModelInfo positionally keeps working).
     """
 
     name: str
@@ -90,6 +92,7 @@ class ModelInfo:
     ten_crop_default: bool
     max_batch_size: int
     ready: bool
+    description: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -97,7 +100,7 @@ class ModelInfo:
             name=msg.name, version=msg.version, task=msg.task, num_classes=int(msg.num_classes),
             resize=int(msg.resize), crop=int(msg.crop), channels=int(msg.channels),
             ten_crop_default=bool(msg.ten_crop_default), max_batch_size=int(msg.max_batch_size),
-            ready=bool(msg.ready),
+            ready=bool(msg.ready), description=msg.description,
         )
 
     def to_dict(self) -> dict[str, Any]:

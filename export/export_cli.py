@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"exported {args.model} ({loaded.source}) as {name} v{result.version} -> {result.path}\n"
           f"  {len(loaded.labels)} classes, resize {pre.resize}, crop {pre.crop}, 10-crop default "
           f"{str(pre.ten_crop_default).lower()}, ONNX parity max |diff| {result.parity_max_abs_diff:.1e}, "
-          f"{time.perf_counter() - start:.1f}s")
+          f"{time.perf_counter() - start:.1f}s\n"
+          f"  a running gateway serves it after a restart (it reads the repository when it starts)")
     return 0
 
 

@@ -63,10 +63,19 @@ class TrainError(RuntimeError):
 
 # ------------------------------------------------------------------ options
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help names no default itself and X is not None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgserve train", description="Train a registered classifier on an ImageFolder (train/ and val/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help="YAML file of options (keys are flag names, '-' or '_'); flags override it")
 
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-dir", type=Path, default=None, help="training ImageFolder (instead of DATA/train)")
     g.add_argument("--val-dir", type=Path, default=None, help="validation ImageFolder (instead of DATA/val)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="images per training step")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
 
     g = parser.add_argument_group("model")
@@ -93,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pca-images", type=int, default=1000, help="training images sampled for the RGB covariance")
 
     g = parser.add_argument_group("optimizer and schedule")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--sched", choices=SCHEDULES, default="cosine")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on every parameter")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
+    g.add_argument("--sched", choices=SCHEDULES, default="cosine", help="learning-rate schedule")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup length (may be fractional)")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine: final lr as a fraction of --lr")
     g.add_argument("--step-size", type=int, default=30, help="step: epochs between lr drops")
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
     g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch of the --epochs schedule (for time-boxed jobs; continue with --resume)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 mixed precision (default: on for CUDA; not available on CPU)")

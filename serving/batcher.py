@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded,
-                            ServingError)
+                            ServingError, advertised_retry_after)
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Batcher:
         if len(self._queue) + n > self.max_queue_size:
             hint = self.retry_after_s()
             raise Overloaded(f"model {self.model!r} queue is full ({len(self._queue)} of {self.max_queue_size} "
-                             f"items waiting); retry after {hint:.2f}s", retry_after_s=hint)
+                             f"items waiting); retry after {advertised_retry_after(hint)} s", retry_after_s=hint)
         loop = asyncio.get_running_loop()
         job = _Job(items=items, deadline=deadline, future=loop.create_future(), remaining=n, queued=n)
         self._queue.extend(_Item(job, i, now) for i in range(n))

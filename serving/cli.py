@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,16 +47,54 @@ def check_repository(settings: Settings) -> str | None:
     return None
 
 
+# A shipped sample image per default model (examples/images/, written by scripts/make_sample_images.py),
+# so the banner's first command works when pasted from the repository root.
+SAMPLE_IMAGES: dict[str, str] = {
+    "lenet5": "examples/images/digit_7.png",
+    "resnet20": "examples/images/shape_star.png",
+}
+PLACEHOLDER_IMAGE = "IMAGE.png"
+
+
+def client_executable(argv0: str | None = None, cwd: Path | None = None) -> str:
+    """How a second shell in the same directory runs this same imgserve.
+
+    ``imgserve`` when it is the one on PATH, else the path it was started by, relative to
+    the working directory when inside it (``.venv/bin/imgserve`` after ``make run``).
+    """
+    exe = Path(argv0 if argv0 is not None else sys.argv[0])
+    if exe.name != "imgserve" or not exe.is_file():  # e.g. python -m serving.cli
+        return "imgserve"
+    found = shutil.which("imgserve")
+    if found and Path(found).resolve() == exe.resolve():
+        return "imgserve"
+    relative = os.path.relpath(exe.absolute(), (cwd or Path.cwd()).absolute())
+    return relative if not relative.startswith("..") else str(exe.absolute())
+
+
+def example_request(models: list[str], cwd: Path | None = None) -> tuple[str, str]:
+    """(model, image) for the banner: a default model whose sample image exists here, else a placeholder."""
+    root = cwd or Path.cwd()
+    for model, image in SAMPLE_IMAGES.items():
+        if model in models and (root / image).is_file():
+            return model, image
+    return (models[0] if models else "MODEL"), PLACEHOLDER_IMAGE
+
+
 def announce(settings: Settings, grpc_port: int, http_port: int, models: list[str], backend: str) -> None:
-    """Tell the operator where the gateway listens and how to call it."""
+    """Tell the operator where the gateway listens and give commands that work pasted into a second shell."""
     host = _client_host(settings.host)
-    example = models[0] if models else "MODEL"
-    print(f"imgserve gateway is serving {', '.join(models) or 'no models'} (backend: {backend})\n"
-          f"  gRPC:    {settings.host}:{grpc_port}  (imgserve.v1.ImageService, inference.GRPCInferenceService)\n"
+    model, image = example_request(models)
+    exe = client_executable()
+    listening = f"{settings.host} (all interfaces)" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    print(f"imgserve gateway is serving {', '.join(models) or 'no models'} (backend: {backend}), "
+          f"listening on {listening}\n"
+          f"  gRPC:    {host}:{grpc_port}  (imgserve.v1.ImageService, inference.GRPCInferenceService)\n"
           f"  HTTP:    http://{host}:{http_port}  (/v1/classify, /v1/models, /v2/..., /openapi.json)\n"
           f"  metrics: http://{host}:{http_port}/metrics\n"
-          f"try:\n"
-          f"  imgserve classify some.png --server {host}:{grpc_port} --model {example}\n"
+          f"try, from this directory in a second shell:\n"
+          f"  {exe} classify {image} --server {host}:{grpc_port} --model {model}\n"
+          f"  {exe} models --server {host}:{grpc_port}\n"
           f"  curl -s http://{host}:{http_port}/v1/models",
           flush=True)
 

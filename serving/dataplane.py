@@ -148,6 +148,9 @@ class DataPlane:
 
     async def _spec(self, name: str) -> ModelSpec:
         specs = await self.backend.models()
+        if not name:  # a missing field is the client's mistake, not an unknown model
+            raise InvalidInput(f"the request names no model (field 'model'); available models: "
+                               f"{', '.join(sorted(specs)) or 'none'}")
         spec = specs.get(name)
         if spec is None:
             available = ", ".join(sorted(specs)) or "none"

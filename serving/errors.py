@@ -1,6 +1,8 @@
 """Typed errors of the data plane and their one mapping to gRPC and HTTP codes."""
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -28,6 +30,14 @@ class InvalidInput(ServingError):
 class ModelNotFound(ServingError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404
+
+
+def advertised_retry_after(seconds: float) -> int:
+    """The whole seconds a client is told to wait (HTTP ``Retry-After`` allows only integers, >= 1).
+
+    Messages, the HTTP header and the gRPC trailer all use this, so they never disagree.
+    """
+    return max(1, math.ceil(seconds))
 
 
 class Overloaded(ServingError):

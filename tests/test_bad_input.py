@@ -88,7 +88,7 @@ GRPC_CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, "image 1"),
     ("text-bytes", pb.ClassifyRequest(model="lenet5", images=[TEXT]), grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
     ("unknown-model", pb.ClassifyRequest(model="nope", images=[GOOD]), grpc.StatusCode.NOT_FOUND, "nope"),
-    ("no-model", pb.ClassifyRequest(images=[GOOD]), grpc.StatusCode.NOT_FOUND, "lenet5"),
+    ("no-model", pb.ClassifyRequest(images=[GOOD]), grpc.StatusCode.INVALID_ARGUMENT, "field 'model'"),
     ("top-k-0", pb.ClassifyRequest(model="lenet5", images=[GOOD], top_k=0), grpc.StatusCode.INVALID_ARGUMENT,
      "top_k"),
     ("top-k-negative", pb.ClassifyRequest(model="lenet5", images=[GOOD], top_k=-1),
@@ -128,6 +128,9 @@ HTTP_CASES = [
     ("truncated-png", classify_body([TRUNCATED]), "application/json", 400, "INVALID_ARGUMENT", "image 0"),
     ("text-bytes", classify_body([GOOD, TEXT]), "application/json", 400, "INVALID_ARGUMENT", "image 1"),
     ("unknown-model", classify_body([GOOD], model="nope"), "application/json", 404, "NOT_FOUND", "nope"),
+    ("no-model", json.dumps({"images": [base64.b64encode(GOOD).decode()]}).encode(), "application/json", 400,
+     "INVALID_ARGUMENT", "field 'model'"),
+    ("empty-model", classify_body([GOOD], model=""), "application/json", 400, "INVALID_ARGUMENT", "field 'model'"),
     ("top-k-0", classify_body([GOOD], topK=0), "application/json", 400, "INVALID_ARGUMENT", "top_k"),
     ("top-k-negative", classify_body([GOOD], top_k=-1), "application/json", 400, "INVALID_ARGUMENT", "top_k"),
     ("too-many-images", classify_body([GOOD] * (MAX_IMAGES + 1)), "application/json", 400, "INVALID_ARGUMENT",
@@ -137,6 +140,12 @@ HTTP_CASES = [
     ("unknown-field", b'{"model": "lenet5", "imagez": []}', "application/json", 400, "INVALID_ARGUMENT", "imagez"),
     ("bad-base64", b'{"model": "lenet5", "images": ["abcde"]}', "application/json", 400, "INVALID_ARGUMENT",
      "images"),
+    # protobuf alone would drop the stray characters and blame the image format
+    ("base64-with-junk", json.dumps({"model": "lenet5", "images": [base64.b64encode(GOOD).decode()[:40] + "!!"
+                                                                     + base64.b64encode(GOOD).decode()[40:]]}).encode(),
+     "application/json", 400, "INVALID_ARGUMENT", "image 0 (images[0]) is not valid base64: character '!'"),
+    ("base64-line-breaks", json.dumps({"model": "lenet5", "images": [base64.encodebytes(GOOD).decode()]}).encode(),
+     "application/json", 400, "INVALID_ARGUMENT", "not valid base64: character '\\n'"),
     ("top-k-string", b'{"model": "lenet5", "images": [], "topK": "many"}', "application/json", 400,
      "INVALID_ARGUMENT", "topK"),
     ("not-utf8", b'{"model": "\xff"}', "application/json", 400, "INVALID_ARGUMENT", "UTF-8"),
@@ -229,6 +238,20 @@ def wait_for_depth(gw: GatewayProcess, depth: float) -> None:
         time.sleep(0.02)
 
 
+def test_errors_before_the_model_is_known_count_as_unknown(gateway: GatewayProcess,
+                                                           stub: pb_grpc.ImageServiceStub) -> None:
+    """A body that does not parse, or names no model, is recorded as model="(unknown)", never model=""."""
+    post(f"{gateway.http_url}/v1/classify", b"{not json")
+    post(f"{gateway.http_url}/v1/classify", classify_body([GOOD]), "text/plain")
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(pb.ClassifyRequest(images=[GOOD]), timeout=30)
+    text = post(f"{gateway.http_url}/metrics", b"", method="GET")[2].decode()
+    for code, endpoint in (("INVALID_ARGUMENT", "http.classify"), ("INVALID_ARGUMENT", "grpc.Classify")):
+        assert f'imgserve_request_errors_total{{code="{code}",endpoint="{endpoint}",model="(unknown)"}}' in text
+    assert not [line for line in text.splitlines()
+                if line.startswith("imgserve_request_errors_total") and 'model=""' in line and "classify" in line.lower()]
+
+
 def test_overload_is_429_with_retry_after(model_repo: Path) -> None:
     """Requests that do not fit the model's queue: RESOURCE_EXHAUSTED / 429 + Retry-After, nothing breaks.
 
@@ -249,7 +272,8 @@ def test_overload_is_429_with_retry_after(model_repo: Path) -> None:
                 assert call.exception() is not None
                 assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
                 assert "queue is full" in call.details()
-                assert int(dict(call.trailing_metadata())["retry-after"]) >= 1
+                retry_after = int(dict(call.trailing_metadata())["retry-after"])
+                assert retry_after >= 1 and call.details().endswith(f"retry after {retry_after} s")
             assert not waiting.done()
             assert_good_grpc(stub, gw)                       # fits: fills the batch of 5
             assert len(waiting.result().results) == 4
@@ -260,7 +284,9 @@ def test_overload_is_429_with_retry_after(model_repo: Path) -> None:
                 status, headers, raw = post(f"{gw.http_url}/v1/classify", classify_body([GOOD] * 4))
                 assert status == 429, raw
                 assert int(headers["Retry-After"]) >= 1
-                assert json.loads(raw)["error"]["code"] == "RESOURCE_EXHAUSTED"
+                error = json.loads(raw)["error"]
+                assert error["code"] == "RESOURCE_EXHAUSTED"
+                assert error["message"].endswith(f"retry after {headers['Retry-After']} s")
             assert_good_http(gw)
             assert first.result()[0] == 200
 

@@ -98,12 +98,66 @@ def test_classify_reads_stdin_and_honours_ten_crop(gateway: object, digit_files:
 
 
 def test_models_lists_the_repository(gateway: object) -> None:
+    """Each model with its task, input size, 10-crop default and description (the config's)."""
     table = imgserve("models", "--server", gateway.grpc_target)  # type: ignore[attr-defined]
     assert table.returncode == 0, table.stderr
-    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:]}
-    assert set(rows) == {"lenet5", "rgbnet"} and "28->28x28x1" in rows["lenet5"] and "72->64x64x3" in rows["rgbnet"]
-    doc = json.loads(imgserve("models", "--server", gateway.http_url, "--json").stdout)  # type: ignore[attr-defined]
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:5] == ["name", "version", "task", "classes", "input"] and header.endswith("description")
+    rows = {line.split()[0]: line for line in lines}
+    assert set(rows) == {"lenet5", "rgbnet"}
+    assert "classification" in rows["lenet5"] and "28->28x28 grey" in rows["lenet5"]
+    assert "72->64x64 RGB" in rows["rgbnet"]
+    assert rows["lenet5"].endswith("LeNet-5 trained on the bundled MNIST sample")
+    assert rows["rgbnet"].endswith("resnet18 with random weights (seed 0), a cheap 3-channel test model")
+    out = imgserve("models", "--server", gateway.http_url, "--json").stdout  # type: ignore[attr-defined]
+    assert out.count("\n") == 1 and ": " not in out  # one compact line
+    doc = json.loads(out)
     assert {m["name"]: m["channels"] for m in doc} == {"lenet5": 1, "rgbnet": 3}
+    assert {m["name"]: m["description"] for m in doc}["lenet5"] == "LeNet-5 trained on the bundled MNIST sample"
+    assert all(m["ten_crop_default"] is False and m["task"] == "classification" for m in doc)
+
+
+def test_classify_answers_every_file(gateway: object, digit_files: list[tuple[Path, int]], tmp_path: Path) -> None:
+    """Good files get results, each bad one a line naming it; exit 1 because one failed."""
+    (good1, d1), (good2, d2), _ = digit_files
+    bad = garbage_file(tmp_path)
+    for server in (gateway.grpc_target, gateway.http_url):  # type: ignore[attr-defined]
+        result = imgserve("classify", str(good1), str(bad), str(good2), "--server", server, "--model", "lenet5",
+                          "--top-k", "1")
+        assert result.returncode == 1, result.stderr
+        assert top1_rows(result.stdout) == [(str(d1), d1), (str(d2), d2)]
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"imgserve classify: {bad}: INVALID_ARGUMENT: ") and "image 1" not in line
+    result = imgserve("classify", str(good1), str(bad), str(tmp_path / "absent.png"), str(good2), "--json",
+                      "--server", gateway.grpc_target, "--model", "lenet5", "--batch-size", "2")  # type: ignore[attr-defined]
+    assert result.returncode == 2  # an unreadable local file outranks a refused one
+    records = json.loads(result.stdout)
+    assert [r["image"] for r in records] == [str(good1), str(bad), str(tmp_path / "absent.png"), str(good2)]
+    assert [r["predictions"][0]["index"] for r in (records[0], records[3])] == [d1, d2]
+    assert records[1]["error"]["code"] == "INVALID_ARGUMENT" and "cannot read" in records[2]["error"]["message"]
+    assert len(result.stderr.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("wrong", ["http to the grpc port", "grpc to the http port"])
+def test_a_wrong_port_gets_a_one_line_hint(gateway: object, wrong: str) -> None:
+    grpc_port = gateway.grpc_target.rsplit(":", 1)[1]  # type: ignore[attr-defined]
+    server = f"http://127.0.0.1:{grpc_port}" if wrong.startswith("http") else gateway.http_url.removeprefix("http://")  # type: ignore[attr-defined]
+    result = imgserve("models", "--server", server, "--timeout", "10")
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("imgserve models: UNAVAILABLE") and "--server" in line and "\\x00" not in line
+    assert ("HTTP/2" in line) if wrong.startswith("http") else ("speaks HTTP/1.1" in line)
+    assert all(ch.isprintable() for ch in line)
+
+
+def test_version_and_bare_command() -> None:
+    from clients.version import installed_version
+
+    version = imgserve("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"imgserve {installed_version()}"
+    bare = imgserve()
+    assert bare.returncode == 2 and bare.stdout == "" and "usage: imgserve" in bare.stderr
+    assert imgserve("--help").returncode == 0
 
 
 def garbage_file(tmp_path: Path) -> Path:

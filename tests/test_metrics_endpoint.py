@@ -77,16 +77,23 @@ def after_traffic(gateway: GatewayProcess) -> str:
     asyncio.run(burst(gateway.grpc_target, rounds=ROUNDS))
     with grpc.insecure_channel(gateway.grpc_target) as channel, pytest.raises(grpc.RpcError):
         pb_grpc.ImageServiceStub(channel).Classify(pb.ClassifyRequest(model="missing", images=[png(0)]), timeout=10)
-    # A client has its answer a moment before the server's handler has finished recording it:
-    # take the snapshot once nothing is in flight (the bound only turns a hang into a failure).
-    deadline = time.monotonic() + 60
-    text = scrape(gateway)
-    while value(samples(text), "imgserve_requests_in_flight", endpoint="grpc.Classify") != 0.0:
-        if time.monotonic() > deadline:
-            break
+    return settled_scrape(gateway)
+
+
+def settled_scrape(gw: GatewayProcess, timeout_s: float = 60.0) -> str:
+    """A scrape once no request is in flight.
+
+    A handler records its request as it returns, which can be a moment after the client
+    has its answer (gRPC sends an error status before the handler unwinds), so on a
+    busy machine an immediate scrape may still count the last call as in flight.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape(gw)
+        busy = [v for (name, _), v in samples(text).items() if name == "imgserve_requests_in_flight" and v]
+        if not busy or time.monotonic() > deadline:
+            return text
         time.sleep(0.05)
-        text = scrape(gateway)
-    return text
 
 
 def test_histograms_have_observations(after_traffic: str) -> None:

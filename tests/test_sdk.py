@@ -250,6 +250,9 @@ def test_models_describe_the_repository(gateway: object) -> None:
         assert isinstance(lenet, ModelInfo) and lenet.ready and rgb.ready
         assert (lenet.num_classes, lenet.channels, lenet.crop, lenet.task) == (10, 1, 28, "classification")
         assert (rgb.resize, rgb.crop, rgb.channels) == (72, 64, 3)
+        # the config's imgserve.description, over both protocols (conftest's model_repo writes it)
+        assert lenet.description == "LeNet-5 trained on the bundled MNIST sample"
+        assert rgb.description.startswith("resnet18 with random weights")
 
 
 @pytest.mark.parametrize("protocol, is_async", CLIENTS, ids=CLIENT_IDS)

@@ -84,4 +84,28 @@ def test_start_banner_has_addresses_and_a_client_command(model_repo: Path) -> No
     port = gw.grpc_target.rsplit(":", 1)[1]
     assert f"gRPC:    127.0.0.1:{port}" in out
     assert gw.http_url in out
-    assert f"imgserve classify some.png --server 127.0.0.1:{port} --model lenet5" in out
+    # run from the repository root (run_gateway's cwd), so the shipped sample digit is the example
+    assert f"imgserve classify examples/images/digit_7.png --server 127.0.0.1:{port} --model lenet5" in out
+    assert "listening on 127.0.0.1" in out
+
+
+def test_banner_commands_work_from_the_directory_it_names(tmp_path: Path) -> None:
+    """The banner's command uses the venv path and a shipped sample image when they exist where it runs."""
+    from serving.cli import PLACEHOLDER_IMAGE, client_executable, example_request
+
+    exe = tmp_path / ".venv" / "bin" / "imgserve"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    assert client_executable(str(exe), cwd=tmp_path) == ".venv/bin/imgserve"
+    assert client_executable(str(exe), cwd=tmp_path / ".venv") == "bin/imgserve"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert client_executable(str(exe), cwd=elsewhere) == str(exe)
+    assert client_executable("/no/such/python", cwd=tmp_path) == "imgserve"
+    assert example_request(["lenet5", "resnet20"], cwd=tmp_path) == ("lenet5", PLACEHOLDER_IMAGE)
+    sample = tmp_path / "examples" / "images" / "shape_star.png"
+    sample.parent.mkdir(parents=True)
+    sample.write_bytes(b"")
+    assert example_request(["lenet5", "resnet20"], cwd=tmp_path) == ("resnet20", "examples/images/shape_star.png")
+    assert example_request(["mine"], cwd=tmp_path) == ("mine", PLACEHOLDER_IMAGE)
+    assert example_request([], cwd=tmp_path) == ("MODEL", PLACEHOLDER_IMAGE)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from clients.sdk.errors import ImgserveError
 from clients.sdk.wire import PROTOCOLS, parse_target
 
 DEFAULT_SERVER = "localhost:8500"
+# Where the client commands go when --server is not given (like DOCKER_HOST for docker).
+SERVER_ENV = "IMGSERVE_SERVER"
 
 # Exit codes of the client commands.
 EXIT_OK = 0
@@ -39,9 +43,9 @@ def positive_int(text: str) -> int:
 
 
 def add_connection_args(parser: argparse.ArgumentParser, *, timeout_default: float | None = None) -> None:
-    parser.add_argument("--server", "-s", default=DEFAULT_SERVER,
+    parser.add_argument("--server", "-s", default=os.environ.get(SERVER_ENV) or DEFAULT_SERVER,
                         help="gateway address: host:port for gRPC or http://host:port for HTTP "
-                             f"(default {DEFAULT_SERVER})")
+                             f"(default: env {SERVER_ENV}, else {DEFAULT_SERVER})")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="wire protocol; default: http for http:// URLs, grpc otherwise")
     parser.add_argument("--timeout", type=positive_float, default=timeout_default, metavar="S",
@@ -62,3 +66,8 @@ def report_error(command: str, exc: ImgserveError, server: str) -> int:
     where = f" ({server})" if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and server not in exc.message else ""
     print(f"imgserve {command}: {exc.code}{where}: {exc.message}", file=sys.stderr)
     return EXIT_REQUEST_FAILED
+
+
+def compact_json(doc: object) -> str:
+    """One line of JSON without spaces, like the gateway's own answers (easy to pipe into jq or grep)."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 
-from clients.commands._common import EXIT_OK, add_connection_args, check_target, report_error
+from clients.commands._common import EXIT_OK, add_connection_args, check_target, compact_json, report_error
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import ImgserveError
 from clients.types import ModelInfo
 
-_COLUMNS = ("name", "version", "task", "classes", "input", "10-crop", "max batch", "ready")
+_COLUMNS = ("name", "version", "task", "classes", "input", "10-crop", "max batch", "ready", "description")
+CHANNEL_NAMES = {1: "grey", 3: "RGB"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def input_summary(model: ModelInfo) -> str:
+    """``36->32x32 RGB``: the shorter side is resized to 36, the model sees 32x32 RGB crops of it."""
+    channels = CHANNEL_NAMES.get(model.channels, f"{model.channels}ch")
+    return f"{model.resize}->{model.crop}x{model.crop} {channels}"
+
+
 def format_models(models: Sequence[ModelInfo]) -> str:
-    """One row per model; input is resize -> crop x crop x channels."""
-    rows = [[m.name, m.version, m.task, str(m.num_classes), f"{m.resize}->{m.crop}x{m.crop}x{m.channels}",
-             "yes" if m.ten_crop_default else "no", str(m.max_batch_size), "yes" if m.ready else "NO"]
+    """One row per model: what a caller needs to know before sending it images."""
+    rows = [[m.name, m.version, m.task, str(m.num_classes), input_summary(m),
+             "yes" if m.ten_crop_default else "no", str(m.max_batch_size), "yes" if m.ready else "NO",
+             m.description or "-"]
             for m in models]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_COLUMNS)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -43,8 +49,7 @@ def main(argv: list[str]) -> int:
     except ImgserveError as exc:
         return report_error("models", exc, args.server)
     if args.json:
-        json.dump([m.to_dict() for m in models], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print(compact_json([m.to_dict() for m in models]))
     elif models:
         print(format_models(models))
     else:

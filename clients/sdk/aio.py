@@ -18,7 +18,7 @@ import grpc.aio
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.client import find_model
-from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http
+from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http, not_http
 from clients.sdk.images import as_image_list, encode_images
 from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
                               ClientState, Endpoint,
@@ -95,6 +95,8 @@ class _AioHttpTransport:
             raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise Unavailable(f"cannot reach {self._base}: {exc.os_error or exc}") from None
+        except aiohttp.ClientResponseError:  # non-200 answers are handled above: this one did not parse as HTTP
+            raise not_http(self._base) from None
         except aiohttp.ClientError as exc:
             raise Unavailable(f"connection to {self._base} failed: {exc}") from None
 

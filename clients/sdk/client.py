@@ -17,7 +17,7 @@ import grpc
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
-from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http
+from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http, not_http
 from clients.sdk.images import encode_images
 from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
                               ClientState, Endpoint,
@@ -83,6 +83,10 @@ class _HttpTransport:
             raise Unavailable(f"cannot reach {self._base}: {exc.reason}") from None
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+        except http.client.BadStatusLine as exc:
+            if isinstance(exc, http.client.RemoteDisconnected):
+                raise Unavailable(f"connection to {self._base} failed: {exc}") from None
+            raise not_http(self._base) from None
         except (ConnectionError, http.client.HTTPException) as exc:
             raise Unavailable(f"connection to {self._base} failed: {exc}") from None
 

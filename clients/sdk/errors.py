@@ -92,10 +92,30 @@ def parse_retry_after(value: str | bytes | None) -> float | None:
     return seconds if seconds >= 0 else None
 
 
+# grpc-core's words when the address answers HTTP/1.1 (e.g. the gateway's HTTP port).
+_GRPC_SAW_HTTP1 = "http1.x server"
+GRPC_TO_HTTP_PORT_HINT = ("that port speaks HTTP/1.1, not gRPC: for HTTP use --server http://HOST:PORT, "
+                          "for gRPC the gateway's gRPC port (--grpc-port, default 8500)")
+HTTP_TO_GRPC_PORT_HINT = ("the server did not answer HTTP/1.1 (a gRPC port answers with HTTP/2 frames): for gRPC "
+                          "use --server HOST:PORT without http://, for HTTP the gateway's HTTP port "
+                          "(--http-port, default 8080)")
+
+
+def not_http(address: str) -> Unavailable:
+    """The error for an HTTP call answered by something that is not HTTP/1.1, typically a gRPC port.
+
+    Never echoes the answer's bytes: raw HTTP/2 frames are noise to a user.
+    """
+    return Unavailable(f"{address}: {HTTP_TO_GRPC_PORT_HINT}")
+
+
 def from_grpc(code_name: str, details: str | None, trailing: Mapping[str, str | bytes] | None) -> ImgserveError:
     """Map a gRPC status (name, details, trailing metadata) to an SDK error."""
     retry = parse_retry_after((trailing or {}).get("retry-after"))
-    return error_for(code_name, details or code_name.lower().replace("_", " "), retry)
+    message = details or code_name.lower().replace("_", " ")
+    if code_name == "UNAVAILABLE" and _GRPC_SAW_HTTP1 in message:
+        message = f"{GRPC_TO_HTTP_PORT_HINT} ({message})"
+    return error_for(code_name, message, retry)
 
 
 def from_http(status: int, body: bytes, headers: Mapping[str, str]) -> ImgserveError:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
 
-from serving.errors import ModelNotFound, ServingError
+from serving.errors import ModelNotFound, ServingError, advertised_retry_after
 from serving.metrics import RequestRecord
 from serving.transports.observe import UNKNOWN_MODEL
 
@@ -43,7 +42,7 @@ async def guarded(context: grpc.aio.ServicerContext, record: RequestRecord, work
         if isinstance(exc, ModelNotFound):
             record.model = UNKNOWN_MODEL
         if exc.retry_after_s is not None:
-            context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),))
+            context.set_trailing_metadata((("retry-after", str(advertised_retry_after(exc.retry_after_s))),))
         await context.abort(exc.grpc_code, exc.message)
     except asyncio.CancelledError:
         record.code = grpc.StatusCode.CANCELLED.name

@@ -8,6 +8,7 @@ from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from serving.dataplane import ClassifyResult, DataPlane, ModelStatus
 from serving.metrics import Metrics
 from serving.transports.grpc_util import call_deadline, guarded
+from serving.transports.observe import UNKNOWN_MODEL
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
 
@@ -36,7 +37,7 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=spec.name, version=str(spec.version), task=spec.task, num_classes=spec.num_classes,
         resize=pre.resize, crop=pre.crop, channels=pre.channels, ten_crop_default=pre.ten_crop_default,
-        max_batch_size=spec.max_batch_size, ready=status.ready,
+        max_batch_size=spec.max_batch_size, ready=status.ready, description=spec.description,
     )
 
 
@@ -53,7 +54,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        with self._metrics.request("grpc.Classify", request.model) as record:
+        with self._metrics.request("grpc.Classify", request.model or UNKNOWN_MODEL) as record:
             top_k, ten_crop = classify_options(request)
             result = await guarded(context, record, self._dataplane.classify(
                 request.model, list(request.images), top_k=top_k, ten_crop=ten_crop,

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,12 +28,12 @@ from google.protobuf.message import Message
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from serving.dataplane import DataPlane, ModelStatus
-from serving.errors import InvalidInput, ServingError
+from serving.errors import InvalidInput, ServingError, advertised_retry_after
 from serving.metrics import Metrics
 from serving.settings import Settings
 from serving.transports import oip
 from serving.transports.grpc_v1 import classify_options, classify_response, list_models_response
-from serving.transports.observe import observe
+from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
 log = logging.getLogger("imgserve.http")
@@ -91,7 +92,7 @@ def error_response(request: web.Request, status: int, code: str, message: str,
                    retry_after_s: float | None = None) -> web.Response:
     headers: dict[str, str] = {}
     if retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+        headers["Retry-After"] = str(advertised_retry_after(retry_after_s))
     if request.path == "/v2" or request.path.startswith("/v2/"):
         return json_response({"error": message}, status, headers)
     return json_response({"error": {"code": code, "message": message}}, status, headers)
@@ -152,21 +153,56 @@ def require_json(request: web.Request) -> None:
                           grpc_code=grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def parse_message(body: bytes, message: Message) -> Message:
-    """Fill a proto message from its proto3 JSON mapping; any parse problem is a 400."""
+def parse_classify_request(body: bytes) -> pb.ClassifyRequest:
+    """A ClassifyRequest from JSON, with every image checked to be strict base64 first.
+
+    protobuf's JSON parser decodes base64 leniently (it drops stray characters), so a
+    mangled image would otherwise reach the decoder and be blamed on the image format.
+    """
+    doc = parse_json_object(body, f"request body ({pb.ClassifyRequest.DESCRIPTOR.full_name})")
+    images = doc.get("images")
+    if isinstance(images, list):
+        for i, item in enumerate(images):
+            if isinstance(item, str):
+                problem = base64_problem(item)
+                if problem is not None:
+                    raise InvalidInput(f"image {i} (images[{i}]) is not valid base64: {problem}; the JSON "
+                                       f"mapping carries bytes as standard or URL-safe base64")
+    message = pb.ClassifyRequest()
     try:
-        json_format.Parse(body.decode("utf-8"), message)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"request body is not UTF-8: {exc}") from None
+        json_format.ParseDict(doc, message)
     except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
         raise InvalidInput(f"invalid JSON for {message.DESCRIPTOR.full_name}: {exc}") from None
     return message
 
 
+# The proto3 JSON mapping accepts standard and URL-safe base64, padded or not (a regex, so
+# checking a 64 MiB body stays at C speed on the event loop).
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/_-]")
+
+
+def base64_problem(text: str) -> str | None:
+    """Why ``text`` is not base64 as the proto3 JSON mapping allows it, or None when it is."""
+    body = text.rstrip("=")
+    if not _BASE64.fullmatch(text):
+        bad = _NOT_BASE64.search(body) or _NOT_BASE64.search(text)
+        assert bad is not None
+        return f"character {bad.group()!r} at offset {bad.start()}"
+    padding = len(text) - len(body)
+    if len(body) % 4 == 1 or (padding and (len(body) + padding) % 4):
+        return f"length {len(text)} cannot be base64"
+    return None
+
+
 def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} is not UTF-8: {exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidInput(f"{what} must be a JSON object")
@@ -277,11 +313,12 @@ class HttpApi:
     # ---- imgserve.v1 mirror
 
     async def classify(self, request: web.Request) -> web.Response:
-        with observe(self.metrics, "http.classify", "") as record:
+        # the model is unknown until the body parses: errors before that count as "(unknown)"
+        with observe(self.metrics, "http.classify", UNKNOWN_MODEL) as record:
             require_json(request)
             body = await read_body(request, self.settings.max_message_bytes)
-            message = parse_message(body, pb.ClassifyRequest())
-            record.model = message.model
+            message = parse_classify_request(body)
+            record.model = message.model or UNKNOWN_MODEL
             top_k, ten_crop = classify_options(message)
             result = await self.dataplane.classify(message.model, list(message.images), top_k=top_k,
                                                    ten_crop=ten_crop, deadline=request_deadline(request))

@@ -38,12 +38,9 @@ _LEN = struct.Struct("<I")
 
 def server_version() -> str:
     """The installed imgserve version (the v2 server metadata reports it)."""
-    from importlib import metadata
+    from clients.version import installed_version
 
-    try:
-        return metadata.version("imgserve")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return installed_version()
 
 
 # ---------------------------------------------------------------- BYTES codec

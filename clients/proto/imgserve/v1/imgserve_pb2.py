@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimgserve/v1/imgserve.proto\x12\x0bimgserve.v1\"r\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08ten_crop\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0b\n\t_ten_crop\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x17.imgserve.v1.ClassScore\"x\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.imgserve.v1.Classification\x12\x10\n\x08ten_crop\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xbe\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0e\n\x06resize\x18\x05 \x01(\x05\x12\x0c\n\x04\x63rop\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\x18\n\x10ten_crop_default\x18\x08 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.imgserve.v1.ModelInfo2\xa6\x01\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1c.imgserve.v1.ClassifyRequest\x1a\x1d.imgserve.v1.ClassifyResponse\x12M\n\nListModels\x12\x1e.imgserve.v1.ListModelsRequest\x1a\x1f.imgserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimgserve/v1/imgserve.proto\x12\x0bimgserve.v1\"r\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08ten_crop\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0b\n\t_ten_crop\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x17.imgserve.v1.ClassScore\"x\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.imgserve.v1.Classification\x12\x10\n\x08ten_crop\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xd3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0e\n\x06resize\x18\x05 \x01(\x05\x12\x0c\n\x04\x63rop\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\x18\n\x10ten_crop_default\x18\x08 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.imgserve.v1.ModelInfo2\xa6\x01\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1c.imgserve.v1.ClassifyRequest\x1a\x1d.imgserve.v1.ClassifyResponse\x12M\n\nListModels\x12\x1e.imgserve.v1.ListModelsRequest\x1a\x1f.imgserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=400
   _globals['_LISTMODELSREQUEST']._serialized_end=419
   _globals['_MODELINFO']._serialized_start=422
-  _globals['_MODELINFO']._serialized_end=612
-  _globals['_LISTMODELSRESPONSE']._serialized_start=614
-  _globals['_LISTMODELSRESPONSE']._serialized_end=674
-  _globals['_IMAGESERVICE']._serialized_start=677
-  _globals['_IMAGESERVICE']._serialized_end=843
+  _globals['_MODELINFO']._serialized_end=633
+  _globals['_LISTMODELSRESPONSE']._serialized_start=635
+  _globals['_LISTMODELSRESPONSE']._serialized_end=695
+  _globals['_IMAGESERVICE']._serialized_start=698
+  _globals['_IMAGESERVICE']._serialized_end=864
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "task", "num_classes", "resize", "crop", "channels", "ten_crop_default", "max_batch_size", "ready")
+    __slots__ = ("name", "version", "task", "num_classes", "resize", "crop", "channels", "ten_crop_default", "max_batch_size", "ready", "description")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class ModelInfo(_message.Message):
     TEN_CROP_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     task: str
@@ -72,7 +73,8 @@ class ModelInfo(_message.Message):
     ten_crop_default: bool
     max_batch_size: int
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., task: _Optional[str] = ..., num_classes: _Optional[int] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., channels: _Optional[int] = ..., ten_crop_default: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    description: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., task: _Optional[str] = ..., num_classes: _Optional[int] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., channels: _Optional[int] = ..., ten_crop_default: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -108,7 +108,7 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "5", "lr": "0.02"},
                  "AlexNet-style net (LRN, dropout, BatchNorm) on generated shapes; 10-crop by default",
                  ten_crop_default=True),
-    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "4", "lr": "0.1"},
+    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "10", "lr": "0.1"},
                  "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),
 )}
 SHAPES_MODEL_NAME = "resnet20"

@@ -105,11 +105,13 @@ class ShapesRecipe:
 SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     ShapesRecipe("resnet20", {"model": "cifar_resnet20", **_SHAPES_COMMON, "epochs": "4", "lr": "0.05"},
                  "ResNet-20 on generated shapes (32x32 RGB crops of 36x36)"),
-    ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "5", "lr": "0.02"},
-                 "AlexNet-style net (LRN, dropout, BatchNorm) on generated shapes; 10-crop by default",
+    ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05"},
+                 "AlexNet-style net (LRN, overlapping pooling, dropout, BatchNorm) on generated shapes; 10-crop by default",
                  ten_crop_default=True),
     ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "10", "lr": "0.1"},
                  "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),
+    # Epochs and rates: ResNet-20 needs 4 epochs; the AlexNet-style net and the (narrow) DenseNet learn
+    # slower per epoch and were still under 95% at 8 epochs, so they get 12 and 10 (cosine schedules).
 )}
 SHAPES_MODEL_NAME = "resnet20"
 SHAPES_TRAIN_OPTIONS: dict[str, str] = SHAPES_RECIPES[SHAPES_MODEL_NAME].options
@@ -138,19 +140,22 @@ def build_shapes_model(recipe: ShapesRecipe, ctx: BuildContext) -> BuiltModel:
     argv = [item for key, value in options.items() for item in (f"--{key}", value)]
     argv += ["--data", str(shapes_dataset(ctx)), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
              "--name", recipe.name, "--ten-crop-default" if recipe.ten_crop_default else "--no-ten-crop-default",
+             # The build reports centre-crop accuracy only: a 10-crop pass over the val split costs as much
+             # as an epoch (tests/test_shapes_e2e.py measures 10-crop through the gateway instead).
+             "--no-ten-crop-eval",
              "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
     if ctx.gpu:
         argv.append("--export-gpu")
     result = train(parse_args(argv))
     final = result.final
-    assert final is not None and final.ten_crop_acc is not None
+    assert final is not None
     return BuiltModel(
         name=recipe.name,
-        summary=(f"val accuracy {final.center_acc:.4f} (10-crop {final.ten_crop_acc:.4f}) on {final.samples} "
-                 f"held-out shapes (train {result.train_seconds:.1f}s, export {result.export_seconds or 0.0:.1f}s)"),
+        summary=(f"val accuracy {final.center_acc:.4f} on {final.samples} held-out shapes "
+                 f"(train {result.train_seconds:.1f}s, export {result.export_seconds or 0.0:.1f}s)"),
         run_dir=run_dir,
-        metrics={"val_accuracy": final.center_acc, "ten_crop_accuracy": final.ten_crop_acc,
-                 "train_seconds": result.train_seconds, "export_seconds": result.export_seconds or 0.0},
+        metrics={"val_accuracy": final.center_acc, "train_seconds": result.train_seconds,
+                 "export_seconds": result.export_seconds or 0.0},
     )
 
 

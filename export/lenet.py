@@ -1,6 +1,6 @@
 """Train LeNet-5 on the bundled MNIST sample and report its held-out accuracy.
 
-    python -m export.lenet --out runs/lenet5 [--epochs 15] [--seed 0]
+    python -m export.lenet --out runs/lenet5 [--epochs 25] [--seed 0]
 
 Kaiming init (registry default), BatchNorm, SGD with momentum 0.9 and weight
 decay 5e-4, a per-iteration cosine learning-rate schedule, and +-2 pixel
@@ -24,7 +24,7 @@ from export.engine import MetricsLog, seed_everything, stats_dict, train_one_epo
 from export.models import create_model, get_entry
 
 MODEL_NAME = "lenet5"
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 25
 MAX_THREADS = 2
 
 

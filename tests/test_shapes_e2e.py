@@ -109,11 +109,9 @@ def test_served_accuracy_matches_training(gateway, default_repository: Path, tra
     assert summary["val_samples"] == len(training_val) == 1000
     with ImageClient(gateway.grpc_target, timeout=120) as client:
         centre, grpc_labels = _served(client, name, training_val, ten_crop=False)
-        ten, _ = _served(client, name, training_val, ten_crop=True)
     with ImageClient(gateway.http_url, timeout=120) as http:
         _, http_labels = _served(http, name, training_val[:100], ten_crop=False)
     assert abs(centre - summary["center_crop_acc"]) <= SERVED_VS_TRAINING
-    assert abs(ten - summary["ten_crop_acc"]) <= SERVED_VS_TRAINING
     assert http_labels == grpc_labels[:100]
 
 

@@ -280,9 +280,13 @@ def test_alexnet_keeps_its_dropout_and_resnets_have_batchnorm() -> None:
     assert not torch.equal(alexnet(x), alexnet(x))  # dropout is active in training
     alexnet.eval()
     assert torch.equal(alexnet(x), alexnet(x))
+    from export.models import LocalResponseNorm
+
     small = create_model("cifar_alexnet", 10)
-    assert [m.p for m in small.modules() if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
-    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in small.modules()) == 2  # as in the paper
+    assert [m.p for m in small.modules() if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
+    assert sum(isinstance(m, LocalResponseNorm) for m in small.modules()) == 2  # as in the paper
+    x = torch.randn(3, 16, 9, 9) * 4  # the fast LRN computes torch's LocalResponseNorm
+    torch.testing.assert_close(LocalResponseNorm()(x), torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(x))
     assert small.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     dense = create_model("cifar_densenet_bc", 10)
     assert dense.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -28,7 +28,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from packaging.requirements import Requirement
 
-from tests.procs import free_port, health_status
+from serving.triton_local import free_port
+from tests.procs import health_status
 from tests.requirements import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]

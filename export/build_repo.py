@@ -108,10 +108,11 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05"},
                  "AlexNet-style net (LRN, overlapping pooling, dropout, BatchNorm) on generated shapes; 10-crop by default",
                  ten_crop_default=True),
-    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "10", "lr": "0.1"},
+    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05"},
                  "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),
     # Epochs and rates: ResNet-20 needs 4 epochs; the AlexNet-style net and the (narrow) DenseNet learn
-    # slower per epoch and were still under 95% at 8 epochs, so they get 12 and 10 (cosine schedules).
+    # slower per epoch and were still under 95% at 8 epochs, so both get 12. DenseNet at lr 0.1 for
+    # 10 epochs reached 98.4% with seed 0 but only 94.2% with seed 1; at lr 0.05 for 12, 98.8% (seed 1).
 )}
 SHAPES_MODEL_NAME = "resnet20"
 SHAPES_TRAIN_OPTIONS: dict[str, str] = SHAPES_RECIPES[SHAPES_MODEL_NAME].options

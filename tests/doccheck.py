@@ -142,6 +142,7 @@ def invocations(text: str) -> list[tuple[str, list[str]]]:
     """(subcommand, --flags) of every ``imgserve SUBCOMMAND ...`` in ``text``."""
     found = []
     for line in _logical_lines(text):
+        line = re.sub(r"(?:-n|--namespace)(?:\s+|=)imgserve\b", "-n NAMESPACE", line)  # kubectl's namespace
         match = _INVOCATION.search(line)
         if not match:
             continue

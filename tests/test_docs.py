@@ -50,6 +50,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from doccheck import Block, Doc, KnownNames, Sandbox, load_docs, parse_doc, reference_problems, run_block
 from procs import GatewayProcess, run_gateway
@@ -63,7 +64,19 @@ LINKED = ("examples", "configs", "docs", "export", "serving", "clients", "script
 BLOCK_TIMEOUT_S = 300.0
 # Flags of other programs that the prose names in `code`: tritonserver's (docs/triton.md) and the
 # experiment scripts' (python -m export.experiments.*, docs/experiments/README.md).
-FOREIGN_FLAGS = frozenset({"--exit-timeout-secs", "--backend-directory", "--backend-config", "--shm-size", "--arch"})
+FOREIGN_FLAGS = frozenset({"--exit-timeout-secs", "--backend-directory", "--backend-config", "--shm-size", "--arch",
+                           "--build-arg", "--model-control-mode", "--load-model"})  # buildah's and Triton's
+
+
+def adapter_metric_names() -> frozenset[str]:
+    """The custom metrics prometheus-adapter derives from ours (k8s/monitoring): docs may name them too."""
+    values = yaml.safe_load((ROOT / "k8s" / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    names = set()
+    for rule in values.get("rules", {}).get("custom", []):
+        alias = rule.get("name", {}).get("as")
+        if alias:
+            names.add(alias)
+    return frozenset(names)
 # Subcommands whose flags live under a sub-subcommand.
 EXTRA_HELP_ARGV = {"make-dataset": (["shapes", "--help"],)}
 
@@ -109,7 +122,7 @@ def known() -> KnownNames:
     return KnownNames(
         commands={name: command_flags(name, module) for name, (module, _) in COMMANDS.items()},
         env_vars=env_vars_read(),
-        metrics=frozenset(family.name for family in Metrics().registry.collect()),
+        metrics=frozenset(family.name for family in Metrics().registry.collect()) | adapter_metric_names(),
         http_paths=list(build_openapi("test")["paths"]),
         messages={name: frozenset(f.name for f in desc.fields)
                   for name, desc in pb.DESCRIPTOR.message_types_by_name.items()},

@@ -115,7 +115,7 @@ def test_served_accuracy_matches_training(gateway, default_repository: Path, tra
     assert http_labels == grpc_labels[:100]
 
 
-def test_lenet5_is_accurate_through_the_gateway(gateway, mnist_heldout) -> None:  # type: ignore[no-untyped-def]
+def test_lenet5_is_accurate_through_the_gateway(gateway, mnist_heldout, record_margin) -> None:  # type: ignore[no-untyped-def]
     import io
 
     from PIL import Image
@@ -129,8 +129,9 @@ def test_lenet5_is_accurate_through_the_gateway(gateway, mnist_heldout) -> None:
 
     predicted: list[int] = []
     with ImageClient(gateway.grpc_target, timeout=120) as client:
-        for i in range(0, len(images), 250):
-            result = client.classify([png(a) for a in images[i:i + 250]], "lenet5", top_k=1)
+        for i in range(0, len(images), BATCH):
+            result = client.classify([png(a) for a in images[i:i + BATCH]], "lenet5", top_k=1)
             predicted += [int(p.label) for p in result.top1]
     accuracy = sum(int(p == t) for p, t in zip(predicted, labels)) / len(labels)
+    record_margin("default lenet5 accuracy through the gateway", accuracy, 0.975)
     assert accuracy >= 0.975  # the build's seed-0 LeNet; the 98% median over seeds is in test_mnist_lenet.py

@@ -2,10 +2,11 @@
 
 The numbers are recomputed from the JSON each script writes (not taken from its own
 "claims" or "effects" fields), and the PNG plots must exist. Each test runs one seed
-(IMGSERVE_TEST_SEED, default 0: scripts/stat_margins.py reruns them under seeds 0-4),
-and only claims with a margin that held in every seed tried are asserted at this tiny size; the effects that need the documented size to show (plain nets
-degrading with depth, 10-crop's small gain) are asserted as bounds they cannot
-cross, and their measured size and spread live in docs/experiments/README.md.
+(IMGSERVE_TEST_SEED, default 0: scripts/stat_margins.py reruns them under seeds 0-4).
+Only claims with room in every one of those seeds are asserted at this tiny size (He vs
+1/n init); the others (shortcuts, degradation, 10-crop's gain) did not hold in every seed
+at a size CI can afford, so for them the tests check the measurement itself, and their
+size and spread at the documented size are in docs/experiments/README.md.
 """
 from __future__ import annotations
 
@@ -60,37 +61,44 @@ def test_he_init_trains_a_30_layer_plain_net_and_one_over_n_does_not(tmp_path: P
     _png_ok(tmp_path / "init_depth_mlp_mnist.png")
 
 
-def test_shortcuts_train_a_deep_net_that_the_plain_one_cannot(tmp_path: Path, stat_seed: int,
-                                                              record_margin) -> None:  # type: ignore[no-untyped-def]
+def test_residual_experiment_records_both_claims_per_seed(tmp_path: Path, stat_seed: int) -> None:
+    """The depth experiment's bookkeeping at a size CI can afford.
+
+    At this size (800 images, 2 epochs) neither claim holds in every seed: "resnet-32 ends below
+    0.8 x plain-32" failed in 2 of seeds 0-4 and degradation flips as well, so neither is asserted
+    here. Their size and spread at the documented size (20 vs 56 layers, all of MNIST, 3 seeds) are
+    in docs/experiments/README.md; this test makes sure the script still measures them correctly.
+    """
     rc = residual_depth.main(["--depths", "8", "32", "--width", "8", "--train-samples", "800", "--epochs", "2",
                               "--threads", "2", "--out", str(tmp_path), *_seed_args(stat_seed)])
     result = json.loads((tmp_path / "residual_depth_mnist.json").read_text())
-    assert len(result["runs"]) == SEEDS
+    assert len(result["runs"]) == SEEDS and result["seeds"] == [stat_seed]
     for run in result["runs"]:
         loss = {name: r["train_loss"][-1] for name, r in run["runs"].items()}
         assert set(loss) == {"plain-8", "resnet-8", "plain-32", "resnet-32"}
-        # Same depth, same data and schedule: shortcuts train far better (the paper's main claim).
-        record_margin("residual: resnet-32 loss below 0.8 x plain-32", 0.8 * loss["plain-32"] - loss["resnet-32"], 0.0)
-        assert loss["resnet-32"] < 0.8 * loss["plain-32"]
-    # Degradation (plain-32 worse than plain-8) needs the documented size to show; at this size it is
-    # within the noise, so only its bookkeeping is checked: the margin is plain-32's loss minus plain-8's.
-    degrade = result["effects"]["plain_degrades"]
+        assert all(math.isfinite(v) and v > 0 for v in loss.values())
+        assert all(len(r["train_loss"]) == len(r["train_error"]) == 2 for r in run["runs"].values())
+    effects = result["effects"]
+    shortcut, degrade = effects["deep_residual_beats_plain"], effects["plain_degrades"]
+    runs = result["runs"]
+    assert shortcut["margins"] == pytest.approx([r["runs"]["plain-32"]["train_loss"][-1] - r["runs"]["resnet-32"]["train_loss"][-1]
+                                                 for r in runs])
     assert degrade["margins"] == pytest.approx([r["runs"]["plain-32"]["train_loss"][-1] - r["runs"]["plain-8"]["train_loss"][-1]
-                                                for r in result["runs"]])
+                                                for r in runs])
     assert degrade["holds_in"] == sum(m > 0 for m in degrade["margins"])
     assert result["spread"]["resnet-32"]["final_train_loss"]["n"] == SEEDS
-    assert rc == 0
+    assert rc == (0 if shortcut["mean"] > 0 else 1)  # the exit status reports the main claim
     _png_ok(tmp_path / "residual_depth_mnist.png")
 
 
-# 10-crop's gain at the documented size is under a point; on 400 images from a 3-epoch model it may go
-# either way by a few images. What must never happen is 10-crop costing more than this.
-MAX_TEN_CROP_LOSS = 0.04
-MIN_LEARNED = 0.45  # 10 classes: chance is 0.1
+def test_ten_crop_experiment_measures_both_crops_per_seed(tmp_path: Path, stat_seed: int) -> None:
+    """The 10-crop experiment's bookkeeping at a size CI can afford.
 
-
-def test_ten_crop_is_never_much_worse_than_the_centre_crop(tmp_path: Path, stat_seed: int,
-                                                           record_margin) -> None:  # type: ignore[no-untyped-def]
+    A 3-epoch model on 1,000 images is barely trained (centre accuracy 0.13-0.45 over seeds 0-4), so
+    comparing its crops says nothing and nothing about the gain is asserted here: the gain and its
+    spread at the documented size are in docs/experiments/README.md, and the default models'
+    10-crop accuracy through the gateway is checked in tests/test_shapes_e2e.py.
+    """
     rc = ten_crop.main(["--train-per-class", "100", "--val-per-class", "40", "--epochs", "3", "--threads", "2",
                         "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path), *_seed_args(stat_seed)])
     result = json.loads((tmp_path / "ten_crop.json").read_text())
@@ -98,17 +106,14 @@ def test_ten_crop_is_never_much_worse_than_the_centre_crop(tmp_path: Path, stat_
     for run in result["runs"]:
         ev = run["eval"]
         assert ev["samples"] == 400
-        record_margin("ten_crop: centre accuracy above MIN_LEARNED", ev["center_acc"], MIN_LEARNED)
-        assert ev["center_acc"] > MIN_LEARNED  # the model learned, so the comparison means something
-        record_margin("ten_crop: 10-crop minus centre above -MAX_TEN_CROP_LOSS", ev["ten_crop_acc"] - ev["center_acc"],
-                      -MAX_TEN_CROP_LOSS)
-        assert ev["ten_crop_acc"] >= ev["center_acc"] - MAX_TEN_CROP_LOSS
         assert len(ev["center_per_class"]) == len(ev["ten_crop_per_class"]) == 10
-        # The overall accuracy is the per-class accuracies' mean (balanced classes).
+        # The overall accuracy is the per-class accuracies' mean (balanced classes), for both crops.
         assert ev["ten_crop_acc"] == pytest.approx(sum(ev["ten_crop_per_class"]) / 10)
+        assert ev["center_acc"] == pytest.approx(sum(ev["center_per_class"]) / 10)
+        assert 0 < ev["center_nll"] and 0 < ev["ten_crop_nll"]
     gain = result["effects"]["accuracy_gain"]
     assert gain["margins"] == pytest.approx([r["eval"]["ten_crop_acc"] - r["eval"]["center_acc"] for r in result["runs"]])
-    assert rc in (0, 1) and rc == (0 if gain["mean"] >= 0 else 1)
+    assert rc == (0 if gain["mean"] >= 0 else 1)
     _png_ok(tmp_path / "ten_crop.png")
 
 

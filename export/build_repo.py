@@ -114,8 +114,6 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     # slower per epoch and were still under 95% at 8 epochs, so both get 12. DenseNet at lr 0.1 for
     # 10 epochs reached 98.4% with seed 0 but only 94.2% with seed 1; at lr 0.05 for 12, 98.8% (seed 1).
 )}
-SHAPES_MODEL_NAME = "resnet20"
-SHAPES_TRAIN_OPTIONS: dict[str, str] = SHAPES_RECIPES[SHAPES_MODEL_NAME].options
 
 
 def shapes_dataset(ctx: BuildContext) -> Path:

@@ -138,7 +138,7 @@ def stat_seed() -> int:
 
 
 @pytest.fixture(scope="session")
-def record_margin():  # type: ignore[no-untyped-def]
+def record_margin(stat_seed: int):  # type: ignore[no-untyped-def]
     """``record_margin(claim, value, bound)``: note how much room a statistical assertion had.
 
     With IMGSERVE_MARGINS_FILE set, each call appends one JSON line (claim, value, bound, seed),
@@ -148,12 +148,11 @@ def record_margin():  # type: ignore[no-untyped-def]
     import os
 
     path = os.environ.get("IMGSERVE_MARGINS_FILE")
-    seed = int(os.environ.get("IMGSERVE_TEST_SEED", "0"))
 
     def record(claim: str, value: float, bound: float) -> None:
         if path:
             with open(path, "a") as fh:
                 fh.write(json.dumps({"claim": claim, "value": float(value), "bound": float(bound),
-                                     "room": float(value) - float(bound), "seed": seed}) + "\n")
+                                     "room": float(value) - float(bound), "seed": stat_seed}) + "\n")
 
     return record

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("export.train", "train a registered classifier on an ImageFolder"),
     "export": ("export.export_cli", "export a registered model (random, file or torchvision weights)"),
     "wrap-onnx": ("export.wrap_onnx", "wrap an existing ONNX classifier into the model repository format"),
-    "make-dataset": ("export.data.make_dataset", "generate a learnable dataset (shapes) as an ImageFolder"),
+    "make-dataset": ("export.data.make_dataset", "generate a learnable dataset: shapes (ImageFolder) or scenes (COCO + VOC masks)"),
 }
 
 

@@ -226,6 +226,88 @@ def crops_from_square(square: np.ndarray, crop: int, ten_crop: bool) -> np.ndarr
     return out
 
 
+LETTERBOX_FILL = 114  # the grey detectors conventionally pad with; training pads the same way
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an original image sits inside the S x S model input, so results can be mapped back.
+
+    The image (width x height) was scaled by (scale_x, scale_y) to new_w x new_h (aspect kept up
+    to rounding) and pasted at (pad_x, pad_y); everything else is LETTERBOX_FILL.
+    """
+
+    width: int
+    height: int
+    size: int
+    scale_x: float
+    scale_y: float
+    pad_x: int
+    pad_y: int
+
+    @property
+    def new_width(self) -> int:
+        return int(round(self.width * self.scale_x))
+
+    @property
+    def new_height(self) -> int:
+        return int(round(self.height * self.scale_y))
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """x1,y1,x2,y2 in model-input pixels -> original-image pixels, clipped to the image."""
+        out = np.asarray(boxes, dtype=np.float32).copy()
+        out[..., 0::2] = np.clip((out[..., 0::2] - self.pad_x) / self.scale_x, 0.0, self.width)
+        out[..., 1::2] = np.clip((out[..., 1::2] - self.pad_y) / self.scale_y, 0.0, self.height)
+        return out
+
+    def boxes_to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """Original-image pixels -> model-input pixels (the inverse of boxes_to_original)."""
+        out = np.asarray(boxes, dtype=np.float32).copy()
+        out[..., 0::2] = out[..., 0::2] * self.scale_x + self.pad_x
+        out[..., 1::2] = out[..., 1::2] * self.scale_y + self.pad_y
+        return out
+
+    def unpadded(self, plane: np.ndarray) -> np.ndarray:
+        """The part of an [..., S, S] model-input-aligned array that covers the image (no padding)."""
+        return plane[..., self.pad_y:self.pad_y + self.new_height, self.pad_x:self.pad_x + self.new_width]
+
+    def mask_to_original(self, labels: np.ndarray) -> np.ndarray:
+        """An S x S class-index mask -> height x width (nearest neighbour), uint8."""
+        inner = np.ascontiguousarray(self.unpadded(labels).astype(np.uint8))
+        if inner.shape == (self.height, self.width):
+            return inner
+        return np.asarray(Image.fromarray(inner, mode="L").resize((self.width, self.height),
+                                                                  Image.Resampling.NEAREST))
+
+    def scores_to_original(self, scores: np.ndarray) -> np.ndarray:
+        """[C, S, S] per-class scores -> [C, height, width] (bilinear), float32."""
+        inner = self.unpadded(np.asarray(scores, dtype=np.float32))
+        if inner.shape[1:] == (self.height, self.width):
+            return np.ascontiguousarray(inner)
+        return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), mode="F").resize(
+            (self.width, self.height), Image.Resampling.BILINEAR)) for c in inner])
+
+
+def letterbox(img: Image.Image, size: int, fill: int = LETTERBOX_FILL) -> tuple[np.ndarray, Letterbox]:
+    """Scale ``img`` to fit size x size keeping its aspect ratio, pad the rest with ``fill``.
+
+    Returns the uint8 [S, S] ("L") or [S, S, 3] ("RGB") model input and the record that undoes it.
+    The scaled image is centred: pad_x = (S - new_w) // 2, pad_y = (S - new_h) // 2.
+    """
+    width, height = img.size
+    scale = size / max(width, height)
+    new_w = min(size, max(1, int(round(width * scale))))
+    new_h = min(size, max(1, int(round(height * scale))))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    pixels = np.asarray(img)
+    canvas = np.full((size, size) + pixels.shape[2:], fill, dtype=np.uint8)
+    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = pixels
+    return canvas, Letterbox(width=width, height=height, size=size, scale_x=new_w / width, scale_y=new_h / height,
+                             pad_x=pad_x, pad_y=pad_y)
+
+
 def preprocess(data: bytes, pre: Preprocess, *, ten_crop: bool, index: int = 0,
                options: DecodeOptions = DecodeOptions()) -> np.ndarray:
     """Bytes of one image -> its model input crops, uint8 [n_crops, C, C, channels]."""

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -24,7 +25,19 @@ LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 PARAM_PREFIX = "imgserve."
 ONNX_PLATFORM = "onnxruntime_onnx"
-TASKS = ("classification",)
+# The tasks the gateway ships handlers for (serving/tasks/); the schema itself accepts any
+# task name, and serving.tasks refuses a model whose task has no handler.
+TASKS = ("classification", "detection", "segmentation")
+GEOMETRIES = ("crop", "letterbox")
+# Wire datatype names (Triton / Open Inference Protocol) <-> ModelConfig enum <-> numpy dtype.
+DATATYPES: dict[str, tuple[int, str]] = {
+    "FP32": (mc.TYPE_FP32, "float32"),
+    "FP16": (mc.TYPE_FP16, "float16"),
+    "INT32": (mc.TYPE_INT32, "int32"),
+    "INT64": (mc.TYPE_INT64, "int64"),
+    "UINT8": (mc.TYPE_UINT8, "uint8"),
+}
+_DATATYPE_OF_ENUM = {enum: name for name, (enum, _) in DATATYPES.items()}
 
 
 class RepositoryError(ValueError):
@@ -35,22 +48,50 @@ class RepositoryError(ValueError):
 class Preprocess:
     """How the gateway turns a decoded image into model input crops.
 
-    resize: the shorter side is resized to this (S), then centre-cropped to S x S.
-    crop: the model input is a crop x crop window (C) of that square.
+    geometry "crop" (classifiers): the shorter side is resized to ``resize`` (S), then
+        centre-cropped to S x S; the model input is a crop x crop window (C) of that square.
+    geometry "letterbox" (detectors, segmenters): the whole image is scaled to fit an
+        S x S square (aspect kept) and padded; resize == crop == S. Nothing is cut off,
+        so boxes and masks map back to every pixel of the original.
     channels: 1 (greyscale) or 3 (RGB).
-    ten_crop_default: whether 10-crop TTA is used when a request does not say.
+    ten_crop_default: whether test-time augmentation is used when a request does not say.
     """
 
     resize: int
     crop: int
     channels: int = 3
     ten_crop_default: bool = False
+    geometry: str = "crop"
 
     def __post_init__(self) -> None:
         if self.crop <= 0 or self.resize < self.crop:
             raise RepositoryError(f"need 0 < crop <= resize, got resize={self.resize} crop={self.crop}")
         if self.channels not in (1, 3):
             raise RepositoryError(f"channels must be 1 or 3, got {self.channels}")
+        if self.geometry not in GEOMETRIES:
+            raise RepositoryError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if self.geometry == "letterbox" and self.resize != self.crop:
+            raise RepositoryError(f"a letterbox model takes the whole S x S square: resize ({self.resize}) "
+                                  f"must equal crop ({self.crop})")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model output as the engine returns it: name, wire datatype and per-item dims (no batch axis)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise RepositoryError(f"output {self.name!r}: datatype {self.datatype!r} is not one of "
+                                  f"{', '.join(DATATYPES)}")
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(DATATYPES[self.datatype][1])
 
 
 @dataclass(frozen=True)
@@ -71,10 +112,32 @@ class ModelSpec:
     instance_count: int = 1
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    # The engine's outputs; empty means the classifier default: one FP32 [num_classes]
+    # tensor named output_name. Detectors and segmenters list theirs (see serving/tasks/).
+    outputs: tuple[TensorSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            object.__setattr__(self, "outputs", (TensorSpec(self.output_name, "FP32", (len(self.labels),)),))
+        else:
+            object.__setattr__(self, "outputs", tuple(self.outputs))
+        names = [o.name for o in self.outputs]
+        if len(set(names)) != len(names):
+            raise RepositoryError(f"model {self.name!r}: output names repeat: {names}")
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    def output(self, name: str) -> TensorSpec:
+        for out in self.outputs:
+            if out.name == name:
+                return out
+        raise KeyError(name)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -89,8 +152,10 @@ def to_model_config(spec: ModelSpec) -> mc.ModelConfig:
     """Build the Triton ModelConfig for a spec (label_filename names the label file)."""
     cfg = mc.ModelConfig(name=spec.name, platform=ONNX_PLATFORM, max_batch_size=spec.max_batch_size)
     cfg.input.add(name=spec.input_name, data_type=mc.TYPE_UINT8, dims=list(spec.input_shape))
-    cfg.output.add(name=spec.output_name, data_type=mc.TYPE_FP32, dims=[spec.num_classes],
-                   label_filename=LABELS_FILE)
+    for out in spec.outputs:
+        entry = cfg.output.add(name=out.name, data_type=DATATYPES[out.datatype][0], dims=list(out.dims))
+        if spec.task == "classification" and out.name == spec.output_name:
+            entry.label_filename = LABELS_FILE  # Triton's classification extension reads it
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = spec.max_queue_delay_us
     db.preferred_batch_size.extend(list(spec.preferred_batch_sizes))
@@ -107,8 +172,9 @@ def to_model_config(spec: ModelSpec) -> mc.ModelConfig:
         "crop": str(p.crop),
         "channels": str(p.channels),
         "ten_crop_default": "true" if p.ten_crop_default else "false",
+        "geometry": p.geometry,
         "input_layout": "NHWC",
-        "output": "softmax",
+        **({"output": "softmax"} if spec.task == "classification" else {}),
         "description": spec.description,
         **{k: str(v) for k, v in spec.extra.items()},
     }
@@ -178,26 +244,38 @@ def _int_param(cfg: mc.ModelConfig, key: str) -> int:
 
 def spec_from_config(cfg: mc.ModelConfig, labels: list[str], version: int) -> ModelSpec:
     """Turn a ModelConfig (from disk or from Triton) plus its labels into a ModelSpec."""
-    if len(cfg.input) != 1 or len(cfg.output) != 1:
-        raise RepositoryError(f"model {cfg.name!r}: expected one input and one output")
-    inp, out = cfg.input[0], cfg.output[0]
+    if len(cfg.input) != 1 or len(cfg.output) < 1:
+        raise RepositoryError(f"model {cfg.name!r}: expected one input and at least one output")
+    inp = cfg.input[0]
     if inp.data_type != mc.TYPE_UINT8:
         raise RepositoryError(f"model {cfg.name!r}: input must be TYPE_UINT8 NHWC")
-    pre = Preprocess(
-        resize=_int_param(cfg, "resize"),
-        crop=_int_param(cfg, "crop"),
-        channels=_int_param(cfg, "channels"),
-        ten_crop_default=_param(cfg, "ten_crop_default", "false").lower() == "true",
-    )
-    num_classes = int(out.dims[-1]) if out.dims else len(labels)
-    if labels and len(labels) != num_classes:
-        raise RepositoryError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
-    if not labels:
-        labels = [str(i) for i in range(num_classes)]
+    try:
+        pre = Preprocess(
+            resize=_int_param(cfg, "resize"),
+            crop=_int_param(cfg, "crop"),
+            channels=_int_param(cfg, "channels"),
+            ten_crop_default=_param(cfg, "ten_crop_default", "false").lower() == "true",
+            geometry=_param(cfg, "geometry", "crop"),
+        )
+    except RepositoryError as exc:
+        raise RepositoryError(f"model {cfg.name!r}: {exc}") from None
     task = _param(cfg, "task", "classification")
-    if task not in TASKS:
-        raise RepositoryError(f"model {cfg.name!r}: unknown task {task!r}")
-    known = {"task", "resize", "crop", "channels", "ten_crop_default", "description"}
+    outputs = []
+    for out in cfg.output:
+        if out.data_type not in _DATATYPE_OF_ENUM:
+            raise RepositoryError(f"model {cfg.name!r}: output {out.name!r} has datatype "
+                                  f"{mc.DataType.Name(out.data_type)}; supported: {', '.join(DATATYPES)}")
+        outputs.append(TensorSpec(out.name, _DATATYPE_OF_ENUM[out.data_type], tuple(out.dims)))
+    if task == "classification":
+        if len(cfg.output) != 1:
+            raise RepositoryError(f"model {cfg.name!r}: a classifier has exactly one output")
+        out = cfg.output[0]
+        num_classes = int(out.dims[-1]) if out.dims else len(labels)
+        if labels and len(labels) != num_classes:
+            raise RepositoryError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
+        if not labels:
+            labels = [str(i) for i in range(num_classes)]
+    known = {"task", "resize", "crop", "channels", "ten_crop_default", "description", "geometry"}
     extra = {k[len(PARAM_PREFIX):]: v.string_value for k, v in cfg.parameters.items()
              if k.startswith(PARAM_PREFIX) and k[len(PARAM_PREFIX):] not in known}
     gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
@@ -209,7 +287,8 @@ def spec_from_config(cfg: mc.ModelConfig, labels: list[str], version: int) -> Mo
         task=task,
         max_batch_size=max(1, cfg.max_batch_size),
         input_name=inp.name,
-        output_name=out.name,
+        output_name=cfg.output[0].name,
+        outputs=tuple(outputs),
         max_queue_delay_us=cfg.dynamic_batching.max_queue_delay_microseconds,
         preferred_batch_sizes=tuple(cfg.dynamic_batching.preferred_batch_size),
         gpu=gpu,
@@ -217,6 +296,11 @@ def spec_from_config(cfg: mc.ModelConfig, labels: list[str], version: int) -> Mo
         description=_param(cfg, "description", ""),
         extra=extra,
     )
+
+
+def label_file_of(cfg: mc.ModelConfig) -> str:
+    """The label file a config names (Triton's label_filename on an output), else labels.txt."""
+    return next((out.label_filename for out in cfg.output if out.label_filename), LABELS_FILE)
 
 
 def read_labels(path: Path) -> list[str]:
@@ -246,7 +330,7 @@ def read_model(model_dir: Path) -> LocalModel:
     versions = list_versions(model_dir)
     if not versions:
         raise RepositoryError(f"{model_dir}: no version directory with {MODEL_FILE}")
-    label_file = cfg.output[0].label_filename if len(cfg.output) == 1 and cfg.output[0].label_filename else LABELS_FILE
+    label_file = label_file_of(cfg)
     spec = spec_from_config(cfg, read_labels(model_dir / label_file), versions[-1])
     return LocalModel(spec=spec, onnx_path=model_dir / str(versions[-1]) / MODEL_FILE)
 

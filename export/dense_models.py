@@ -1,0 +1,123 @@
+"""Small dense-prediction networks trained from scratch: a CenterNet-style detector and a U-Net segmenter.
+
+Both see letterboxed S x S RGB inputs (S = 128 for the generated scenes) and are registered in
+export/models.py's registry with their task, so ``imgserve train`` picks the matching recipe and the
+exporter the matching serving graph (export/dense_export.py).
+
+* ``CenterNetTiny`` (Zhou et al. 2019, "Objects as Points"): an encoder to stride 16, a small
+  top-down decoder with lateral connections back to stride 4, and three heads at stride 4: a
+  per-class centre heatmap (logits), the box size (w, h) and the sub-cell centre offset, both in
+  output-cell units. Decoding (peaks by 3x3 max-pooling, TopK) happens in the serving graph.
+* ``UNetTiny`` (Ronneberger et al. 2015, narrowed): an encoder to stride 16 with skips at strides
+  2, 4 and 8, a decoder back to stride 2, class logits there and a bilinear upsampling to S x S.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.models import register_model
+
+SCENES_SIZE = 128
+DETECTOR_STRIDE = 4
+HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: CenterNet's initial heatmap, so the focal loss starts calm
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm + ReLU, 'same' padding."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class Encoder(nn.Module):
+    """Four stride-2 stages, each a strided conv and a conv; returns the features at strides 2, 4, 8, 16."""
+
+    def __init__(self, widths: tuple[int, int, int, int], in_channels: int = 3) -> None:
+        super().__init__()
+        stages, cin = [], in_channels
+        for w in widths:
+            stages.append(nn.Sequential(conv_bn(cin, w, 3, 2), conv_bn(w, w)))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.widths = widths
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class CenterNetTiny(nn.Module):
+    """Heatmap logits [N, C, S/4, S/4], size [N, 2, S/4, S/4] and offset [N, 2, S/4, S/4] (see the module doc)."""
+
+    def __init__(self, num_classes: int, *, widths: tuple[int, int, int, int] = (16, 32, 64, 96),
+                 neck: int = 48, head: int = 48) -> None:
+        super().__init__()
+        self.encoder = Encoder(widths)
+        w1, w2, w3, w4 = widths
+        self.reduce16 = conv_bn(w4, 64, 1)
+        self.lateral8 = conv_bn(w3, 64, 1)
+        self.smooth8 = conv_bn(64, 64)
+        self.reduce8 = conv_bn(64, neck, 1)
+        self.lateral4 = conv_bn(w2, neck, 1)
+        self.smooth4 = conv_bn(neck, neck)
+        self.trunk = conv_bn(neck, head)
+        self.heatmap = nn.Conv2d(head, num_classes, 1)
+        self.size = nn.Conv2d(head, 2, 1)
+        self.offset = nn.Conv2d(head, 2, 1)
+        self.num_classes, self.stride = num_classes, DETECTOR_STRIDE
+
+    def reset_heads(self) -> None:
+        """The heatmap starts at the prior (0.1), regressions at 0; called after the registry's init."""
+        nn.init.constant_(self.heatmap.bias, HEATMAP_PRIOR_BIAS)
+        for conv in (self.heatmap, self.size, self.offset):
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+        nn.init.zeros_(self.size.bias)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, c4, c8, c16 = self.encoder(x)
+        p8 = self.smooth8(_up(self.reduce16(c16)) + self.lateral8(c8))
+        p4 = self.smooth4(_up(self.reduce8(p8)) + self.lateral4(c4))
+        t = self.trunk(p4)
+        return self.heatmap(t), self.size(t), self.offset(t)
+
+
+class UNetTiny(nn.Module):
+    """Class logits [N, C, S, S] for S x S inputs (see the module doc)."""
+
+    def __init__(self, num_classes: int, *, widths: tuple[int, int, int, int] = (16, 32, 64, 96),
+                 decoder: tuple[int, int, int] = (64, 32, 24)) -> None:
+        super().__init__()
+        self.encoder = Encoder(widths)
+        w1, w2, w3, w4 = widths
+        d8, d4, d2 = decoder
+        self.up8 = nn.Sequential(conv_bn(w4 + w3, d8), conv_bn(d8, d8))
+        self.up4 = nn.Sequential(conv_bn(d8 + w2, d4), conv_bn(d4, d4))
+        self.up2 = conv_bn(d4 + w1, d2)
+        self.classifier = nn.Conv2d(d2, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c2, c4, c8, c16 = self.encoder(x)
+        y = self.up8(torch.cat([_up(c16), c8], dim=1))
+        y = self.up4(torch.cat([_up(y), c4], dim=1))
+        y = self.up2(torch.cat([_up(y), c2], dim=1))
+        return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@register_model("centernet_tiny", resize=SCENES_SIZE, crop=SCENES_SIZE, task="detection", geometry="letterbox")
+def centernet_tiny(num_classes: int) -> nn.Module:
+    return CenterNetTiny(num_classes)
+
+
+@register_model("unet_tiny", resize=SCENES_SIZE, crop=SCENES_SIZE, task="segmentation", geometry="letterbox")
+def unet_tiny(num_classes: int) -> nn.Module:
+    return UNetTiny(num_classes)

@@ -123,5 +123,5 @@ def decode(heat_logits: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, 
     boxes = boxes.clamp(0.0, float(input_size))
     keep = scores >= floor
     keep_f = keep.to(torch.float32)
-    num = keep.to(torch.int32).sum(dim=1, keepdim=True)
+    num = keep.sum(dim=1, keepdim=True).to(torch.int32)  # a sum of int32 is int64 in torch
     return num, boxes * keep_f.unsqueeze(-1), scores * keep_f, (classes * keep.to(classes.dtype)).to(torch.int32)

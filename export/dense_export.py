@@ -174,6 +174,16 @@ def check_segmenter(graph: SegmentationGraph, onnx_path: Path, images: np.ndarra
     return DenseParity(len(images), 0, 0.0, 0.0, differ, prob_diff, batch_prob, batch_differ)
 
 
+def check_output_types(onnx_path: Path, outputs: Sequence[TensorSpec], images: np.ndarray) -> None:
+    """The file's outputs have exactly the datatypes and per-item dims the repository config will declare."""
+    session = onnx_session(onnx_path)
+    got = session.run([o.name for o in outputs], {INPUT_NAME: np.ascontiguousarray(images[:2])})
+    for spec, value in zip(outputs, got):
+        if value.dtype != spec.numpy_dtype or tuple(value.shape[1:]) != spec.dims:
+            raise ExportError(f"output {spec.name!r} is {value.dtype} {tuple(value.shape[1:])}, the config says "
+                              f"{spec.datatype} {spec.dims}")
+
+
 # ------------------------------------------------------------------ export
 
 @dataclass(frozen=True)
@@ -225,6 +235,7 @@ def export_dense_to_repository(model: nn.Module, entry: ModelEntry, repo: Path, 
             parity = check_detector(graph, onnx_path, images)  # type: ignore[arg-type]
         else:
             parity = check_segmenter(graph, onnx_path, images)  # type: ignore[arg-type]
+        check_output_types(onnx_path, outputs, images)
         spec = ModelSpec(
             name=name, version=next_version(Path(repo) / name),
             preprocess=Preprocess(resize=size, crop=size, channels=entry.channels, geometry="letterbox"),

@@ -45,7 +45,7 @@ class CenterNetSample:
         pixels, target = self.augment(image, target)
         enc = encode(target["boxes"], target["labels"], num_classes=self.num_classes, input_size=self.size,
                      stride=self.stride)
-        return (torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(enc.heatmap),
+        return (torch.from_numpy(np.array(pixels)), torch.from_numpy(enc.heatmap),
                 torch.from_numpy(enc.index), torch.from_numpy(enc.size), torch.from_numpy(enc.offset),
                 torch.from_numpy(enc.valid))
 

@@ -42,7 +42,7 @@ class MaskSample:
 
     def __call__(self, image: Any, target: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, target = self.augment(image, target)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(target["mask"].astype(np.int64))
+        return torch.from_numpy(np.array(pixels)), torch.from_numpy(target["mask"].astype(np.int64))
 
 
 def read_class_names(root: Path) -> list[str]:

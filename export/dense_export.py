@@ -51,8 +51,8 @@ class DetectionGraph(ServingGraph):
         self.size, self.k, self.floor, self.stride = size, k, floor, int(getattr(model, "stride"))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        heat, size, offset = self.logits(image)
-        return decode(heat, size, offset, k=self.k, stride=self.stride, input_size=self.size, floor=self.floor)
+        heat, ltrb = self.logits(image)
+        return decode(heat, ltrb, k=self.k, stride=self.stride, input_size=self.size, floor=self.floor)
 
 
 class SegmentationGraph(ServingGraph):

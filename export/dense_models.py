@@ -4,10 +4,11 @@ Both see letterboxed S x S RGB inputs (S = 128 for the generated scenes) and are
 export/models.py's registry with their task, so ``imgserve train`` picks the matching recipe and the
 exporter the matching serving graph (export/dense_export.py).
 
-* ``CenterNetTiny`` (Zhou et al. 2019, "Objects as Points"): an encoder to stride 16, a small
-  top-down decoder with lateral connections back to stride 4, and three heads at stride 4: a
-  per-class centre heatmap (logits), the box size (w, h) and the sub-cell centre offset, both in
-  output-cell units. Decoding (peaks by 3x3 max-pooling, TopK) happens in the serving graph.
+* ``CenterNetTiny`` (Zhou et al. 2019, "Objects as Points", with TTFNet's box head): an encoder
+  to stride 16, a small top-down decoder with lateral connections back to stride 4, and two heads
+  at stride 4: a per-class centre heatmap (logits) and the box as distances (left, top, right,
+  bottom, input pixels, >= 0) from each cell. Decoding (peaks by 3x3 max-pooling, TopK) happens in
+  the serving graph; export/centernet.py has the targets, loss and decoding.
 * ``UNetTiny`` (Ronneberger et al. 2015, narrowed): an encoder to stride 16 with skips at strides
   2, 4 and 8, a decoder back to stride 2, class logits there and a bilinear upsampling to S x S.
 """
@@ -22,6 +23,7 @@ from export.models import register_model
 SCENES_SIZE = 128
 DETECTOR_STRIDE = 4
 HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: CenterNet's initial heatmap, so the focal loss starts calm
+BOX_SCALE = 16.0  # distances are ReLU(raw) * 16 px (TTFNet's wh_offset_base): raw values of order 1
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -55,7 +57,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 class CenterNetTiny(nn.Module):
-    """Heatmap logits [N, C, S/4, S/4], size [N, 2, S/4, S/4] and offset [N, 2, S/4, S/4] (see the module doc)."""
+    """Heatmap logits [N, C, S/4, S/4] and box distances [N, 4, S/4, S/4] in input pixels (see the module doc)."""
 
     def __init__(self, num_classes: int, *, widths: tuple[int, int, int, int] = (16, 32, 64, 96),
                  neck: int = 48, head: int = 48) -> None:
@@ -70,24 +72,22 @@ class CenterNetTiny(nn.Module):
         self.smooth4 = conv_bn(neck, neck)
         self.trunk = conv_bn(neck, head)
         self.heatmap = nn.Conv2d(head, num_classes, 1)
-        self.size = nn.Conv2d(head, 2, 1)
-        self.offset = nn.Conv2d(head, 2, 1)
+        self.box = nn.Conv2d(head, 4, 1)
         self.num_classes, self.stride = num_classes, DETECTOR_STRIDE
 
     def reset_heads(self) -> None:
-        """The heatmap starts at the prior (0.1), regressions at 0; called after the registry's init."""
+        """The heatmap starts at the prior (0.1), boxes at 16 px a side; called after the registry's init."""
         nn.init.constant_(self.heatmap.bias, HEATMAP_PRIOR_BIAS)
-        for conv in (self.heatmap, self.size, self.offset):
+        for conv in (self.heatmap, self.box):
             nn.init.normal_(conv.weight, 0.0, 0.01)
-        nn.init.zeros_(self.size.bias)
-        nn.init.zeros_(self.offset.bias)
+        nn.init.constant_(self.box.bias, 0.5)  # positive, so no distance starts in the ReLU's flat part
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, c4, c8, c16 = self.encoder(x)
         p8 = self.smooth8(_up(self.reduce16(c16)) + self.lateral8(c8))
         p4 = self.smooth4(_up(self.reduce8(p8)) + self.lateral4(c4))
         t = self.trunk(p4)
-        return self.heatmap(t), self.size(t), self.offset(t)
+        return self.heatmap(t), F.relu(self.box(t)) * BOX_SCALE
 
 
 class UNetTiny(nn.Module):

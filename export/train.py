@@ -49,6 +49,7 @@ from export.engine import (MetricsLog, load_checkpoint, save_checkpoint, seed_ev
                            train_one_epoch, validate)
 from export.models import ModelEntry, create_model, get_entry, list_models
 from export.progress import progress_bar
+from export.recipes import TASKS as RECIPE_TASKS
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.pt"
@@ -58,9 +59,8 @@ SCHEDULES = ("cosine", "step", "constant")
 INITS = ("kaiming", "lecun")
 # Options that say where a run is, not what it is: never written to config.yaml.
 _NOT_SAVED = {"config", "resume", "overwrite", "export_to", "name", "progress", "export_gpu", "stop_after", "task"}
-# Tasks with their own recipe module (each has main(argv)).
-DENSE_RECIPES = {"detection": "export.recipes.detection", "segmentation": "export.recipes.segmentation"}
-DENSE_TASKS = tuple(DENSE_RECIPES)
+# Tasks with their own recipe (export/recipes/), reached through main().
+DENSE_TASKS = RECIPE_TASKS
 
 
 class TrainError(RuntimeError):
@@ -608,10 +608,10 @@ def task_of(argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     task = task_of(argv)
-    if task in DENSE_RECIPES:
-        import importlib
+    if task in DENSE_TASKS:
+        from export.recipes import common, load_task
 
-        return int(importlib.import_module(DENSE_RECIPES[task]).main(argv))
+        return common.main(load_task(task), argv)
     args = parse_args(argv)
     try:
         result = train(args)

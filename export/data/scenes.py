@@ -46,7 +46,7 @@ class ScenesStyle:
     """
 
     objects: tuple[int, int] = (1, 6)
-    radius: tuple[float, float] = (0.07, 0.17)
+    radius: tuple[float, float] = (0.08, 0.2)
     touch_p: float = 0.4
     min_visible: float = 0.6
     distractors: tuple[int, int] = (0, 2)

@@ -79,10 +79,18 @@ class LetterboxDetector(_Letterboxed):
 
 
 class LetterboxSegmenter(_Letterboxed):
-    """Class masks at the original image size (the model's labels output, nearest-resized back)."""
+    """Class masks at the original image size, as the gateway makes them: the probabilities resized back
+    (bilinear) and their argmax, which places boundaries between model pixels; a model that returns only
+    ``labels`` has its mask resized back with nearest neighbours."""
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
-        return [record.mask_to_original(out["labels"]) for out, record in self._outputs(images)]
+        masks = []
+        for out, record in self._outputs(images):
+            if "probabilities" in out:
+                masks.append(record.scores_to_original(out["probabilities"]).argmax(axis=0).astype(np.uint8))
+            else:
+                masks.append(record.mask_to_original(out["labels"]))
+        return masks
 
     def predict(self, images: list[bytes]) -> list[np.ndarray]:
         return self.predict_images(_decode_all(images, self.channels))

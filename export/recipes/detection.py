@@ -24,6 +24,7 @@ from export.centernet import centernet_loss, encode
 from export.data.coco import CocoDetection
 from export.data.dense_augment import train_transforms
 from export.data.make_dataset import ScenesLayout
+from export.dense_models import DETECTOR_STRIDE
 from export.dense_export import (DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD, DetectionGraph,
                                  export_dense_to_repository)
 from export.evaluation.predictors import LetterboxDetector
@@ -34,7 +35,7 @@ from export.recipes import common
 
 
 class CenterNetSample:
-    """Augment one (image, target) and encode it: (uint8 [S, S, 3] tensor, heatmap, index, size, offset, valid)."""
+    """Augment one (image, target) and encode it: (uint8 [S, S, 3] tensor, heatmap, box, weight)."""
 
     def __init__(self, args: argparse.Namespace, num_classes: int, stride: int) -> None:
         self.augment = train_transforms(args.size, zoom=(args.zoom_min, args.zoom_max), aspect=args.aspect,
@@ -45,9 +46,8 @@ class CenterNetSample:
         pixels, target = self.augment(image, target)
         enc = encode(target["boxes"], target["labels"], num_classes=self.num_classes, input_size=self.size,
                      stride=self.stride)
-        return (torch.from_numpy(np.array(pixels)), torch.from_numpy(enc.heatmap),
-                torch.from_numpy(enc.index), torch.from_numpy(enc.size), torch.from_numpy(enc.offset),
-                torch.from_numpy(enc.valid))
+        return (torch.from_numpy(np.array(pixels)), torch.from_numpy(enc.heatmap), torch.from_numpy(enc.box),
+                torch.from_numpy(enc.weight))
 
 
 class DetectionTask:
@@ -68,16 +68,15 @@ class DetectionTask:
         val = CocoDetection(val_split.images, val_split.annotations, cache=True)
         if train.classes != val.classes:
             raise ValueError(f"the {args.train_split} and {args.val_split} splits have different categories")
-        train.transforms = CenterNetSample(args, len(train.classes), stride=4)
+        train.transforms = CenterNetSample(args, len(train.classes), stride=DETECTOR_STRIDE)
         return common.Datasets(train=train, val=val, labels=list(train.classes),
                                extra={"annotations": val_split.annotations})
 
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        images, heatmap, index, size, offset, valid = (t.to(device) for t in batch)
-        heat, pred_size, pred_offset = graph.logits(images)
-        return centernet_loss(heat, pred_size, pred_offset,
-                              {"heatmap": heatmap, "index": index, "size": size, "offset": offset, "valid": valid})
+        images, heatmap, box, weight = (t.to(device) for t in batch)
+        heat, ltrb = graph.logits(images)
+        return centernet_loss(heat, ltrb, {"heatmap": heatmap, "box": box, "weight": weight}, stride=model.stride)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, entry: ModelEntry, data: common.Datasets, args: argparse.Namespace

@@ -7,7 +7,7 @@
 Data: ``DATA/SPLIT/images`` with ``DATA/SPLIT/SegmentationClass`` palette PNGs and ``DATA/labels.txt``
 (class names, background first) (export/data/voc.py). Training images and masks go through the same
 colour jitter, random letterbox and flips (export/data/dense_augment.py); the loss is per-pixel cross
-entropy (255 = void is ignored). Validation predicts through the serving graph on the serving
+entropy plus soft Dice (255 = void is ignored). Validation predicts through the serving graph on the serving
 letterbox, takes the masks back to the original size and computes mIoU (export/evaluation/scoring.py).
 """
 from __future__ import annotations
@@ -45,6 +45,22 @@ class MaskSample:
         return torch.from_numpy(np.array(pixels)), torch.from_numpy(target["mask"].astype(np.int64))
 
 
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of the soft Dice coefficient over the batch (void pixels left out).
+
+    Cross entropy alone is dominated by the background (most pixels); Dice weighs every class by its own
+    overlap, so small foreground objects pull as hard as the background.
+    """
+    num_classes = logits.shape[1]
+    valid = (masks != VOID).unsqueeze(1).float()
+    probs = torch.softmax(logits, dim=1) * valid
+    onehot = F.one_hot(masks.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float() * valid
+    dims = (0, 2, 3)
+    overlap = (probs * onehot).sum(dims)
+    dice = (2 * overlap + eps) / (probs.sum(dims) + onehot.sum(dims) + eps)
+    return 1 - dice.mean()
+
+
 def read_class_names(root: Path) -> list[str]:
     path = Path(root) / LABELS_FILE
     if not path.is_file():
@@ -69,8 +85,10 @@ class SegmentationTask:
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, masks = (t.to(device) for t in batch)
-        logits = graph.logits(images)
-        return F.cross_entropy(logits.float(), masks, ignore_index=VOID), {}
+        logits = graph.logits(images).float()
+        ce = F.cross_entropy(logits, masks, ignore_index=VOID)
+        dice = soft_dice_loss(logits, masks)
+        return ce + dice, {"ce_loss": float(ce.detach()), "dice_loss": float(dice.detach())}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, entry: ModelEntry, data: common.Datasets, args: argparse.Namespace
@@ -80,8 +98,8 @@ class SegmentationTask:
         graph = SegmentationGraph(model, entry.mean, entry.std, channels=entry.channels, crop=args.size).to(device).eval()
 
         def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-            labels, _ = graph(torch.from_numpy(batch).to(device))
-            return {"labels": labels.cpu().numpy()}
+            labels, probabilities = graph(torch.from_numpy(batch).to(device))
+            return {"labels": labels.cpu().numpy(), "probabilities": probabilities.cpu().numpy()}
 
         val: VocSegmentation = data.val
         pairs = [val.raw(i) for i in range(len(val))]

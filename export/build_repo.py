@@ -167,8 +167,9 @@ def _shapes_builder(recipe: ShapesRecipe) -> DefaultModel:
 # the same options (tests/test_dense_train.py checks they agree); configs/<name>_full.yaml are the
 # 3-minute recipes that reach the quality targets of issue #8 (docs/training.md has the numbers).
 SCENES_DATA = {"train": 2000, "val": 200, "test": 0, "size": 128, "seed": 0}
-_SCENES_COMMON: dict[str, str] = {"batch-size": "8", "weight-decay": "0.0001", "warmup-epochs": "0.3",
-                                  "min-lr-ratio": "0.01", "seed": "0"}
+_SCENES_COMMON: dict[str, str] = {"batch-size": "8", "lr": "0.004", "weight-decay": "0.0001", "warmup-epochs": "0.3",
+                                  "min-lr-ratio": "0.01", "zoom-min": "0.75", "zoom-max": "1.25", "colour": "0.2",
+                                  "seed": "0"}
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,10 @@ class SceneRecipe:
 
 SCENE_RECIPES: dict[str, SceneRecipe] = {r.name: r for r in (
     SceneRecipe("centernet_scenes", {"task": "detection", "model": "centernet_tiny", **_SCENES_COMMON,
-                                     "epochs": "4", "lr": "0.002"},
+                                     "epochs": "4"},
                 "CenterNet-style detector (stride 4, 0.3M parameters) on generated scenes (128x128 letterbox)"),
     SceneRecipe("unet_scenes", {"task": "segmentation", "model": "unet_tiny", **_SCENES_COMMON,
-                                "epochs": "2", "lr": "0.002"},
+                                "epochs": "3"},
                 "small U-Net segmenter on generated scenes (128x128 letterbox)"),
 )}
 

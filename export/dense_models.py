@@ -4,13 +4,14 @@ Both see letterboxed S x S RGB inputs (S = 128 for the generated scenes) and are
 export/models.py's registry with their task, so ``imgserve train`` picks the matching recipe and the
 exporter the matching serving graph (export/dense_export.py).
 
-* ``CenterNetTiny`` (Zhou et al. 2019, "Objects as Points", with TTFNet's box head): an encoder
-  to stride 16, a small top-down decoder with lateral connections back to stride 4, and two heads
+* ``CenterNetTiny`` (Zhou et al. 2019, "Objects as Points", with TTFNet's box head): a residual
+  encoder to stride 16, a small top-down decoder with lateral connections back to stride 4, and two heads
   at stride 4: a per-class centre heatmap (logits) and the box as distances (left, top, right,
   bottom, input pixels, >= 0) from each cell. Decoding (peaks by 3x3 max-pooling, TopK) happens in
   the serving graph; export/centernet.py has the targets, loss and decoding.
-* ``UNetTiny`` (Ronneberger et al. 2015, narrowed): an encoder to stride 16 with skips at strides
-  2, 4 and 8, a decoder back to stride 2, class logits there and a bilinear upsampling to S x S.
+* ``UNetTiny`` (Ronneberger et al. 2015, narrowed): the same encoder with skips at strides 2, 4
+  and 8, a decoder back to stride 2, class logits there and a bilinear upsampling to S x S, plus an
+  auxiliary stride-8 classifier for deep supervision in training.
 """
 from __future__ import annotations
 
@@ -32,14 +33,33 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class Encoder(nn.Module):
-    """Four stride-2 stages, each a strided conv and a conv; returns the features at strides 2, 4, 8, 16."""
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv + BN layers with the input added back (He et al. 2016's basic block)."""
 
-    def __init__(self, widths: tuple[int, int, int, int], in_channels: int = 3) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class Encoder(nn.Module):
+    """Four stride-2 stages, each a strided conv and ``blocks[i]`` residual blocks; returns the features at
+    strides 2, 4, 8, 16.
+
+    Depth goes where the objects are resolved (strides 8 and 16, few pixels, cheap): telling a star from a
+    cross at any rotation takes depth, as the shapes classifiers showed (ResNet-20 learns it in epochs, a
+    shallow net does not), while the stride-2 stage stays a single conv because it is the expensive one.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int], blocks: tuple[int, int, int, int] = (0, 1, 2, 2),
+                 in_channels: int = 3) -> None:
         super().__init__()
         stages, cin = [], in_channels
-        for w in widths:
-            stages.append(nn.Sequential(conv_bn(cin, w, 3, 2), conv_bn(w, w)))
+        for w, n in zip(widths, blocks):
+            stages.append(nn.Sequential(conv_bn(cin, w, 3, 2), *(ResidualBlock(w) for _ in range(n))))
             cin = w
         self.stages = nn.ModuleList(stages)
         self.widths = widths
@@ -91,26 +111,36 @@ class CenterNetTiny(nn.Module):
 
 
 class UNetTiny(nn.Module):
-    """Class logits [N, C, S, S] for S x S inputs (see the module doc)."""
+    """Class logits [N, C, S, S] for S x S inputs (see the module doc).
+
+    In training mode it also returns auxiliary logits at stride 8, from the decoder's deepest stage
+    (deep supervision): the class of an object is decided by deep features, and a loss right there trains
+    them directly instead of through the full-resolution path. Eval mode (and so the export) returns the
+    logits alone.
+    """
 
     def __init__(self, num_classes: int, *, widths: tuple[int, int, int, int] = (16, 32, 64, 96),
-                 decoder: tuple[int, int, int] = (64, 32, 24)) -> None:
+                 decoder: tuple[int, int, int] = (64, 32, 16)) -> None:
         super().__init__()
         self.encoder = Encoder(widths)
         w1, w2, w3, w4 = widths
         d8, d4, d2 = decoder
         self.up8 = nn.Sequential(conv_bn(w4 + w3, d8), conv_bn(d8, d8))
         self.up4 = nn.Sequential(conv_bn(d8 + w2, d4), conv_bn(d4, d4))
-        self.up2 = conv_bn(d4 + w1, d2)
+        self.up2 = nn.Sequential(conv_bn(d4 + w1, d2, 1), conv_bn(d2, d2))  # 1x1 fuse first: stride 2 is costly
         self.classifier = nn.Conv2d(d2, num_classes, 1)
+        self.aux_classifier = nn.Conv2d(d8, num_classes, 1)
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         c2, c4, c8, c16 = self.encoder(x)
-        y = self.up8(torch.cat([_up(c16), c8], dim=1))
-        y = self.up4(torch.cat([_up(y), c4], dim=1))
+        y8 = self.up8(torch.cat([_up(c16), c8], dim=1))
+        y = self.up4(torch.cat([_up(y8), c4], dim=1))
         y = self.up2(torch.cat([_up(y), c2], dim=1))
-        return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.training:
+            return logits, self.aux_classifier(y8)
+        return logits
 
 
 @register_model("centernet_tiny", resize=SCENES_SIZE, crop=SCENES_SIZE, task="detection", geometry="letterbox")

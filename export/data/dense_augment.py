@@ -64,7 +64,7 @@ def _place(img: Image.Image, new_w: int, new_h: int, off_x: int, off_y: int, siz
 class RandomLetterbox:
     """Letterbox with a random zoom in [zoom[0], zoom[1]] of the serving scale, aspect jitter and position."""
 
-    def __init__(self, size: int, *, zoom: tuple[float, float] = (0.6, 1.15), aspect: float = 0.2,
+    def __init__(self, size: int, *, zoom: tuple[float, float] = (0.75, 1.25), aspect: float = 0.2,
                  fill: int = FILL) -> None:
         if not 0 < zoom[0] <= zoom[1]:
             raise ValueError(f"zoom range must be positive and ordered, got {zoom}")
@@ -137,8 +137,8 @@ class Letterbox:
         return array, {**target, "letterbox": record}
 
 
-def train_transforms(size: int, *, zoom: tuple[float, float] = (0.6, 1.15), aspect: float = 0.2,
-                     flip_p: float = 0.5, colour: float = 0.3) -> Compose:
+def train_transforms(size: int, *, zoom: tuple[float, float] = (0.75, 1.25), aspect: float = 0.2,
+                     flip_p: float = 0.5, colour: float = 0.2) -> Compose:
     """The training pipeline of both dense recipes: colour jitter, random letterbox, flip."""
     steps: list = [ColourJitter(colour, colour, colour)] if colour > 0 else []
     steps += [RandomLetterbox(size, zoom=zoom, aspect=aspect), RandomHorizontalFlip(flip_p)]

@@ -2,8 +2,8 @@
 
 Why it exists: the detector and segmenter heads need data with boxes and masks that trains in
 CPU minutes and is checkable end to end, without downloading anything. Each image shows 1-6
-objects of the scene classes (circle, square, triangle, star, cross), any rotation, sizes from
-small to medium, placed freely or touching and overlapping an earlier object (the later one is
+objects of the scene classes (circle, square, triangle, star, cross), turned up to 25 degrees either
+way, sizes from small to medium, placed freely or touching and overlapping an earlier object (the later one is
 on top; every object keeps most of itself visible). Backgrounds, clutter and colours come from
 the shapes classifier's generator (export/data/shapes.py), plus distractor shapes of other kinds
 (rings, crescents, arrows) that are background, so "any blob" is not an object. Image sides vary
@@ -39,7 +39,8 @@ class ScenesStyle:
     """How hard the scenes are.
 
     objects: inclusive range of annotated objects per image; radius: object radius as a fraction of
-    the shorter side; touch_p: chance that an object is placed touching or overlapping an earlier
+    the shorter side; rotation: objects (and distractors) turn by up to this many degrees either way,
+    as in the shapes dataset (a square turned 45 degrees is a diamond); touch_p: chance that an object is placed touching or overlapping an earlier
     one; min_visible: least fraction of an object that later objects may leave visible;
     distractors: inclusive range of unannotated distractor shapes; background: the shapes
     generator's texture/noise/contrast settings.
@@ -47,9 +48,10 @@ class ScenesStyle:
 
     objects: tuple[int, int] = (1, 6)
     radius: tuple[float, float] = (0.08, 0.2)
+    rotation: float = 25.0
     touch_p: float = 0.4
     min_visible: float = 0.6
-    distractors: tuple[int, int] = (0, 2)
+    distractors: tuple[int, int] = (0, 1)
     clutter_behind: tuple[int, int] = (2, 8)
     clutter_front: tuple[int, int] = (0, 2)
     background: ShapesStyle = field(default_factory=lambda: ShapesStyle(texture=0.6, noise=(3.0, 16.0),
@@ -115,6 +117,10 @@ class _Placed:
     area: int
 
 
+def _turn(rng: np.random.Generator, style: ScenesStyle) -> float:
+    return math.radians(rng.uniform(-style.rotation, style.rotation))
+
+
 def _shape_window(name: str, rng: np.random.Generator, cx: float, cy: float, r: float,
                   theta: float) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """Draw one shape into a small window around it (cheap) instead of a canvas-sized mask."""
@@ -161,7 +167,7 @@ def render_scene(rng: np.random.Generator, config: ScenesConfig) -> Scene:
         r = rng.uniform(*style.radius) * side
         cx, cy = rng.uniform(0, W), rng.uniform(0, H)
         name = DISTRACTORS[int(rng.integers(len(DISTRACTORS)))]
-        window, mask = _clip_window(*_shape_window(name, rng, cx, cy, r, rng.uniform(0, 2 * math.pi)), W, H)
+        window, mask = _clip_window(*_shape_window(name, rng, cx, cy, r, _turn(rng, style)), W, H)
         if mask.any():
             _paint(canvas, name, rng, window, mask, cx, cy, style.background.min_contrast)
 
@@ -180,8 +186,8 @@ def render_scene(rng: np.random.Generator, config: ScenesConfig) -> Scene:
                 cx, cy = rng.uniform(r * _EXTENT, W - r * _EXTENT), rng.uniform(r * _EXTENT, H - r * _EXTENT)
             if not (r * _EXTENT <= cx <= W - r * _EXTENT and r * _EXTENT <= cy <= H - r * _EXTENT):
                 continue  # objects lie wholly inside the image
-            window, mask = _clip_window(*_shape_window(SCENE_CLASSES[label], rng, cx, cy, r,
-                                                       rng.uniform(0, 2 * math.pi)), W, H)
+            window, mask = _clip_window(*_shape_window(SCENE_CLASSES[label], rng, cx, cy, r, _turn(rng, style)),
+                                        W, H)
             x0, y0, x1, y1 = window
             hidden = np.bincount(instances[y0:y1, x0:x1][mask], minlength=len(placed) + 1)[1:]
             if any(_visible(instances, p, i + 1) - hidden[i] < style.min_visible * p.area

@@ -7,7 +7,8 @@
 Data: ``DATA/SPLIT/images`` with ``DATA/SPLIT/SegmentationClass`` palette PNGs and ``DATA/labels.txt``
 (class names, background first) (export/data/voc.py). Training images and masks go through the same
 colour jitter, random letterbox and flips (export/data/dense_augment.py); the loss is per-pixel cross
-entropy plus soft Dice (255 = void is ignored). Validation predicts through the serving graph on the serving
+entropy plus soft Dice (255 = void is ignored), and cross entropy on the U-Net's auxiliary
+stride-8 head (weight 0.4). Validation predicts through the serving graph on the serving
 letterbox, takes the masks back to the original size and computes mIoU (export/evaluation/scoring.py).
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ from export.evaluation.scoring import score_masks
 from export.models import ModelEntry
 from export.onnx_export import ServingGraph
 from export.recipes import common
+
+
+AUX_WEIGHT = 0.4
 
 
 class MaskSample:
@@ -85,10 +89,19 @@ class SegmentationTask:
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, masks = (t.to(device) for t in batch)
-        logits = graph.logits(images).float()
+        out = graph.logits(images)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        logits = logits.float()
         ce = F.cross_entropy(logits, masks, ignore_index=VOID)
         dice = soft_dice_loss(logits, masks)
-        return ce + dice, {"ce_loss": float(ce.detach()), "dice_loss": float(dice.detach())}
+        parts = {"ce_loss": float(ce.detach()), "dice_loss": float(dice.detach())}
+        total = ce + dice
+        if aux is not None:  # deep supervision: the masks at the auxiliary head's stride, centre-sampled
+            step = masks.shape[-1] // aux.shape[-1]
+            aux_loss = F.cross_entropy(aux.float(), masks[:, step // 2::step, step // 2::step], ignore_index=VOID)
+            total = total + AUX_WEIGHT * aux_loss
+            parts["aux_loss"] = float(aux_loss.detach())
+        return total, parts
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, entry: ModelEntry, data: common.Datasets, args: argparse.Namespace

@@ -116,6 +116,17 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
 )}
 
 
+def train_argv(options: dict[str, str], ctx: BuildContext, data: Path, run_dir: Path, name: str) -> list[str]:
+    """The ``imgserve train`` command line of a recipe in this build (epochs overridden when the build says)."""
+    options = dict(options)
+    if ctx.epochs is not None:
+        options["epochs"] = str(ctx.epochs)
+    argv = [item for key, value in options.items() for item in (f"--{key}", value)]
+    argv += ["--data", str(data), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
+             "--name", name, "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
+    return argv + (["--export-gpu"] if ctx.gpu else [])
+
+
 def shapes_dataset(ctx: BuildContext) -> Path:
     """The build's shapes dataset, generated on first use and shared by every shapes model."""
     from export.data.make_dataset import make_shapes
@@ -133,18 +144,11 @@ def build_shapes_model(recipe: ShapesRecipe, ctx: BuildContext) -> BuiltModel:
     from export.train import parse_args, train
 
     run_dir = ctx.runs_dir / recipe.name
-    options = dict(recipe.options)
-    if ctx.epochs is not None:
-        options["epochs"] = str(ctx.epochs)
-    argv = [item for key, value in options.items() for item in (f"--{key}", value)]
-    argv += ["--data", str(shapes_dataset(ctx)), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
-             "--name", recipe.name, "--ten-crop-default" if recipe.ten_crop_default else "--no-ten-crop-default",
+    argv = train_argv(recipe.options, ctx, shapes_dataset(ctx), run_dir, recipe.name)
+    argv += ["--ten-crop-default" if recipe.ten_crop_default else "--no-ten-crop-default",
              # The build reports centre-crop accuracy only: a 10-crop pass over the val split costs as much
              # as an epoch (tests/test_shapes_e2e.py measures 10-crop through the gateway instead).
-             "--no-ten-crop-eval",
-             "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
-    if ctx.gpu:
-        argv.append("--export-gpu")
+             "--no-ten-crop-eval"]
     result = train(parse_args(argv))
     final = result.final
     assert final is not None
@@ -188,10 +192,10 @@ class SceneRecipe:
 SCENE_RECIPES: dict[str, SceneRecipe] = {r.name: r for r in (
     SceneRecipe("centernet_scenes", {"task": "detection", "model": "centernet_tiny", **_SCENES_COMMON,
                                      "epochs": "4"},
-                "CenterNet-style detector (stride 4, 0.3M parameters) on generated scenes (128x128 letterbox)"),
+                "CenterNet-style detector (stride 4, 0.67M parameters) on generated scenes (128x128 letterbox)"),
     SceneRecipe("unet_scenes", {"task": "segmentation", "model": "unet_tiny", **_SCENES_COMMON,
                                 "epochs": "3"},
-                "small U-Net segmenter on generated scenes (128x128 letterbox)"),
+                "small U-Net segmenter (0.75M parameters) on generated scenes (128x128 letterbox)"),
 )}
 
 
@@ -213,15 +217,7 @@ def build_scene_model(recipe: SceneRecipe, ctx: BuildContext) -> BuiltModel:
 
     task = load_task(recipe.options["task"])
     run_dir = ctx.runs_dir / recipe.name
-    options = dict(recipe.options)
-    if ctx.epochs is not None:
-        options["epochs"] = str(ctx.epochs)
-    argv = [item for key, value in options.items() for item in (f"--{key}", value)]
-    argv += ["--data", str(scenes_dataset(ctx)), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
-             "--name", recipe.name, "--device", "auto" if ctx.gpu else "cpu",
-             "--progress" if ctx.progress else "--no-progress"]
-    if ctx.gpu:
-        argv.append("--export-gpu")
+    argv = train_argv(recipe.options, ctx, scenes_dataset(ctx), run_dir, recipe.name)
     result = common.run(task, common.parse_args(task, argv))
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     return BuiltModel(

@@ -72,6 +72,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_sweep")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy the first seed's repository and runs here (DIR/model_repository, DIR/runs: the "
+                             "layout IMGSERVE_TEST_DEFAULT_REPOSITORY=DIR/model_repository expects)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / f"results_{args.recipes}.json"
@@ -89,6 +92,11 @@ def main() -> int:
                 results_path.write_text(json.dumps(results, indent=2) + "\n")
                 shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}
                 print(f"seed {seed} {name}: test {shown}, train {row['train_seconds']:.0f}s", flush=True)
+            if args.keep is not None and seed == args.seeds[0]:
+                import shutil
+
+                shutil.copytree(work / "repo", args.keep / "model_repository", dirs_exist_ok=True)
+                shutil.copytree(work / "runs", args.keep / "runs", dirs_exist_ok=True)
     print(f"\n{args.recipes} recipes, held-out test split ({TEST_SCENES} scenes per seed)\n")
     print("| model | metric | mean ± std (min, max) | seeds |\n| --- | --- | --- | --- |")
     for name in args.models:

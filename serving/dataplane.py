@@ -1,7 +1,8 @@
-"""The data plane: validate, decode+crop, batch, infer, average crops, top-k.
+"""The data plane: validate, decode + geometry, batch, infer, postprocess, for every task.
 
 Transports (gRPC, HTTP, Open Inference Protocol) call only this class. It is
-transport-agnostic and raises only serving.errors types. Decoding runs in a
+transport- and task-agnostic (what a model's tensors mean is its task handler's
+business, serving/tasks/) and raises only serving.errors types. Decoding runs in a
 thread pool sized to the cores so the event loop never blocks; crops go
 through one Batcher per model, so concurrent requests share backend calls.
 """
@@ -12,29 +13,27 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from serving.backends.base import Backend
 from serving.batcher import Batcher
-from serving.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ServingError
+from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
+                            ServingError)
 from serving.metrics import Metrics
-from serving.preprocess import DecodeOptions, configure_pillow, crops_per_image, preprocess
-from serving.repository import ModelSpec
+from serving.preprocess import DecodeOptions, configure_pillow
+from serving.repository import ModelSpec, RepositoryError
+from serving.tasks import TaskHandler, check_servable, handler_for
+from serving.tasks.base import TaskDefaults, TaskResult
+from serving.tasks.classification import ClassScore
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    index: int
-    label: str
-    score: float
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,7 @@ class DataPlane:
         self.backend = backend
         self.metrics = metrics
         self._decode_options = DecodeOptions(max_pixels=settings.max_image_pixels)
+        self._task_defaults = TaskDefaults(top_k=settings.default_top_k)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
         self._retired: set[asyncio.Task[None]] = set()
@@ -182,38 +182,55 @@ class DataPlane:
 
     # ------------------------------------------------------------ inference
 
-    async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
-                            deadline: float | None = None) -> ProbabilitiesResult:
-        """Softmax probabilities [N, K] per image (averaged over the ten crops when ten_crop)."""
+    async def run(self, model: str, images: Sequence[bytes], *, task: str | None = None,
+                  options: Mapping[str, object] | None = None,
+                  deadline: float | None = None) -> tuple[TaskHandler, ModelSpec, TaskResult]:
+        """One request of any task: validate, decode + geometry, batch, infer, postprocess.
+
+        ``task`` is what the caller's API expects (Classify expects "classification");
+        a model of another task is InvalidInput naming the model's task and the method
+        that serves it. ``options`` are the task's request options (absent = default).
+        """
         self._check_running()
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
         spec = await self._spec(model)
+        handler = self._handler(spec)
+        if task is not None and task != spec.task:
+            expected = handler_for(task)
+            raise InvalidInput(f"model {spec.name!r} is a {spec.task} model: use {handler.v1_method} "
+                               f"(imgserve.v1) or the v2 endpoint, not {expected.v1_method}")
+        parsed = handler.parse_options(spec, dict(options or {}), self._task_defaults)
         self._check_images(images)
-        if ten_crop is None:
-            ten_crop = spec.preprocess.ten_crop_default
-        return await self._run(spec, images, bool(ten_crop), deadline)
+        result = await self._run(handler, spec, parsed, images, deadline)
+        return handler, spec, result
+
+    async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
+                            deadline: float | None = None) -> ProbabilitiesResult:
+        """Softmax probabilities [N, K] per image (averaged over the ten crops when ten_crop)."""
+        options = {} if ten_crop is None else {"ten_crop": ten_crop}
+        _, _, result = await self.run(model, images, task="classification", options=options, deadline=deadline)
+        probs = np.stack([image.probabilities for image in result.images])
+        return ProbabilitiesResult(model=result.model, version=result.version, ten_crop=result.tta,
+                                   probabilities=probs)
 
     async def classify(self, model: str, images: Sequence[bytes], *, top_k: int | None = None,
                        ten_crop: bool | None = None, deadline: float | None = None) -> ClassifyResult:
         """The top-k classes with labels per image, best first (ties: lower class index first)."""
-        self._check_running()
-        if deadline is None:
-            deadline = time.monotonic() + self.settings.request_timeout_s
-        spec = await self._spec(model)
-        k = self.settings.default_top_k if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
-        k = min(int(k), spec.num_classes)
-        self._check_images(images)
-        if ten_crop is None:
-            ten_crop = spec.preprocess.ten_crop_default
-        result = await self._run(spec, images, bool(ten_crop), deadline)
-        ranked = []
-        for row in result.probabilities:
-            order = np.argsort(-row, kind="stable")[:k]
-            ranked.append([ClassScore(index=int(i), label=spec.labels[i], score=float(row[i])) for i in order])
-        return ClassifyResult(model=result.model, version=result.version, ten_crop=result.ten_crop, results=ranked)
+        options: dict[str, object] = {}
+        if top_k is not None:
+            options["top_k"] = top_k
+        if ten_crop is not None:
+            options["ten_crop"] = ten_crop
+        _, _, result = await self.run(model, images, task="classification", options=options, deadline=deadline)
+        return ClassifyResult(model=result.model, version=result.version, ten_crop=result.tta,
+                              results=[image.classes for image in result.images])
+
+    def _handler(self, spec: ModelSpec) -> TaskHandler:
+        try:
+            return check_servable(spec)
+        except RepositoryError as exc:  # backends refuse such models at load; this guards the rest
+            raise BackendError(f"model {spec.name!r} cannot be served: {exc}") from None
 
     def _check_running(self) -> None:
         if self._stopping:
@@ -234,37 +251,44 @@ class DataPlane:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidInput(f"image {i}: expected encoded image bytes, got {type(data).__name__}")
 
-    async def _run(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
-                   deadline: float) -> ProbabilitiesResult:
+    async def _run(self, handler: TaskHandler, spec: ModelSpec, options: Any, images: Sequence[bytes],
+                   deadline: float) -> TaskResult:
         self._check_running()
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
         self._in_flight += 1
         self._idle.clear()
         try:
-            crops = await self._preprocess(spec, images, ten_crop, deadline)
+            prepared = await self._in_pool(
+                spec, deadline, f"decoding {len(images)} images",
+                [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
+                                   decode=self._decode_options) for i, data in enumerate(images)],
+                observe_preprocess=True)
             batcher = await self._batcher(spec)
-            probs = await batcher.submit(crops, deadline=deadline)
+            outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+            if handler.postprocess_in_pool:
+                (images_out,) = await self._in_pool(
+                    spec, deadline, "postprocessing",
+                    [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
+            else:
+                images_out = handler.postprocess(spec, options, prepared, outputs)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-        per_image = crops_per_image(ten_crop)
-        probs = probs.reshape(len(images), per_image, spec.num_classes)
-        averaged = probs.mean(axis=1, dtype=np.float32) if per_image > 1 else probs[:, 0]
-        return ProbabilitiesResult(model=spec.name, version=str(spec.version), ten_crop=ten_crop,
-                                   probabilities=np.ascontiguousarray(averaged, dtype=np.float32))
+        return TaskResult(model=spec.name, version=str(spec.version), tta=handler.tta(options), images=images_out)
 
-    async def _preprocess(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
-                          deadline: float) -> np.ndarray:
-        """Decode and crop every image in the pool; [N * crops, C, C, channels] uint8."""
+    async def _in_pool(self, spec: ModelSpec, deadline: float, what: str, calls: list[Callable[[], Any]],
+                       *, observe_preprocess: bool = False) -> list[Any]:
+        """Run ``calls`` in the preprocessing pool within the deadline; results in order.
+
+        The first failing call (by position) decides the error, so messages are deterministic.
+        """
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("the data plane is not started")
         start = time.perf_counter()
-        futures = [executor.submit(preprocess, bytes(data), spec.preprocess, ten_crop=ten_crop, index=i,
-                                   options=self._decode_options)
-                   for i, data in enumerate(images)]
+        futures = [executor.submit(call) for call in calls]
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:
             done, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))
@@ -277,15 +301,15 @@ class DataPlane:
                 f.cancel()
             for w in pending:
                 w.cancel()
-            raise DeadlineExceeded(f"deadline exceeded while decoding {len(images)} images")
-        self.metrics.observe_preprocess(spec.name, time.perf_counter() - start)
-        # Report the first failing image (by index) so the message is deterministic.
+            raise DeadlineExceeded(f"deadline exceeded while {what}")
+        if observe_preprocess:
+            self.metrics.observe_preprocess(spec.name, time.perf_counter() - start)
         for i, w in enumerate(waiting):
             exc = w.exception()
             if exc is None:
                 continue
             if isinstance(exc, ServingError):
                 raise exc
-            log.error("image %d: unexpected preprocessing failure", i, exc_info=exc)
-            raise ServingError(f"image {i}: internal error while preprocessing: {type(exc).__name__}")
-        return np.concatenate([w.result() for w in waiting])
+            log.error("%s (item %d) of model %s failed unexpectedly", what, i, spec.name, exc_info=exc)
+            raise ServingError(f"image {i}: internal error while {what}: {type(exc).__name__}")
+        return [w.result() for w in waiting]

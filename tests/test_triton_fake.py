@@ -76,7 +76,7 @@ async def test_triton_statuses_become_typed_errors(tmp_path: Path, code: grpc.St
         healthy = expected is not BackendUnavailable
         assert [s.healthy for s in backend.servers()] == [healthy]
         if healthy:
-            assert (await backend.infer("tiny", BATCH)).argmax(axis=1).tolist() == [2, 2]
+            assert ((await backend.infer("tiny", BATCH))["probabilities"]).argmax(axis=1).tolist() == [2, 2]
 
 
 def test_an_error_without_a_status_is_a_backend_error() -> None:
@@ -92,7 +92,7 @@ async def test_unavailable_is_retried_once_on_another_server(tmp_path: Path) -> 
         try:
             down.fail_infer = (grpc.StatusCode.UNAVAILABLE, "going away")
             for _ in range(3):   # whichever server round-robin picks first, every call succeeds
-                assert (await backend.infer("tiny", BATCH)).argmax(axis=1).tolist() == [2, 2]
+                assert ((await backend.infer("tiny", BATCH))["probabilities"]).argmax(axis=1).tolist() == [2, 2]
             assert len(down.infer_calls) == 1                # tried once, then marked unhealthy
             assert {s.url: s.healthy for s in backend.servers()} == {down_url: False, up_url: True}
         finally:
@@ -138,6 +138,6 @@ async def test_a_new_version_on_triton_refreshes_the_spec(tmp_path: Path) -> Non
         assert fake.config_requests == requests_before + 1
         with pytest.raises(InvalidInput, match="shape"):   # old-size crops are refused before the wire
             await backend.infer("tiny", BATCH)
-        out = await backend.infer("tiny", np.full((3, 6, 6, 1), 4, np.uint8))
+        out = (await backend.infer("tiny", np.full((3, 6, 6, 1), 4, np.uint8)))["probabilities"]
         assert out.argmax(axis=1).tolist() == [1, 1, 1]
         assert fake.infer_calls[-1] == ("tiny", (3, 6, 6, 1))

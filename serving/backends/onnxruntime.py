@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.backends.base import Backend
+from serving.backends.base import Backend, check_outputs
 from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
 from serving.repository import LocalModel, ModelSpec, RepositoryError, scan_repository
 from serving.settings import Settings
+from serving.tasks import check_servable
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +92,31 @@ class OnnxRuntimeBackend(Backend):
     def _load(self, local: LocalModel) -> _Loaded:
         spec = local.spec
         try:
+            check_servable(spec)
+        except RepositoryError as exc:
+            raise BackendUnavailable(f"cannot serve {local.onnx_path}: {exc}") from None
+        try:
             session = ort.InferenceSession(str(local.onnx_path), sess_options=self._session_options(),
                                            providers=self._providers(spec))
         except Exception as exc:  # ORT raises its own pybind exception types
             raise BackendUnavailable(f"model {spec.name!r}: cannot load {local.onnx_path}: {exc}") from exc
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
-        if spec.input_name not in inputs or spec.output_name not in outputs:
+        missing = [name for name in spec.output_names if name not in outputs]
+        if spec.input_name not in inputs or missing:
             raise BackendUnavailable(
                 f"model {spec.name!r}: graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
-                f"config.pbtxt names {spec.input_name!r} -> {spec.output_name!r}")
+                f"config.pbtxt names {spec.input_name!r} -> {', '.join(spec.output_names)}")
         if inputs[spec.input_name].type != "tensor(uint8)":
             raise BackendUnavailable(f"model {spec.name!r}: input {spec.input_name!r} is "
                                      f"{inputs[spec.input_name].type}, expected tensor(uint8)")
         loaded = _Loaded(spec=spec, session=session, path=local.onnx_path)
-        # Warm up like Triton's model_warmup: the first run allocates and is slow.
-        probs = self._run(loaded, np.zeros((1, *spec.input_shape), dtype=np.uint8))
-        if probs.shape != (1, spec.num_classes):
-            raise BackendUnavailable(f"model {spec.name!r}: output shape {probs.shape} for one image, "
-                                     f"expected (1, {spec.num_classes})")
+        # Warm up like Triton's model_warmup: the first run allocates and is slow. It also
+        # proves the outputs have the declared shapes before the model takes traffic.
+        try:
+            self._run(loaded, np.zeros((1, *spec.input_shape), dtype=np.uint8))
+        except BackendError as exc:
+            raise BackendUnavailable(f"model {spec.name!r} fails its warm-up run: {exc.message}") from None
         return loaded
 
     # ------------------------------------------------------------ serving
@@ -120,7 +127,7 @@ class OnnxRuntimeBackend(Backend):
     async def ready(self) -> bool:
         return self._ready
 
-    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         loaded = self._models.get(model)
         if loaded is None:
             if not self._ready:
@@ -139,14 +146,11 @@ class OnnxRuntimeBackend(Backend):
         return await loop.run_in_executor(executor, self._run, loaded, np.ascontiguousarray(batch))
 
     @staticmethod
-    def _run(loaded: _Loaded, batch: np.ndarray) -> np.ndarray:
+    def _run(loaded: _Loaded, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = loaded.spec
+        names = list(spec.output_names)
         try:
-            (probs,) = loaded.session.run([spec.output_name], {spec.input_name: batch})
+            values = loaded.session.run(names, {spec.input_name: batch})
         except Exception as exc:
             raise BackendError(f"onnxruntime failed on model {spec.name!r}: {exc}") from exc
-        probs = np.asarray(probs)
-        if probs.shape != (batch.shape[0], spec.num_classes):
-            raise BackendError(f"model {spec.name!r} returned shape {probs.shape} for a batch of {batch.shape[0]}, "
-                               f"expected ({batch.shape[0]}, {spec.num_classes})")
-        return probs.astype(np.float32, copy=False)
+        return check_outputs(spec, dict(zip(names, values)), batch.shape[0])

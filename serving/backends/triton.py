@@ -36,7 +36,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from serving.backends.base import Backend
+from serving.backends.base import Backend, check_outputs
 from serving.backends.triton_discovery import Resolver, discover, resolve_addresses
 from serving.errors import (
     BackendError,
@@ -47,8 +47,9 @@ from serving.errors import (
     Overloaded,
     ServingError,
 )
-from serving.repository import LABELS_FILE, ModelSpec, RepositoryError, read_labels, spec_from_config
+from serving.repository import PARAM_PREFIX, ModelSpec, RepositoryError, label_file_of, read_labels, spec_from_config
 from serving.settings import Settings
+from serving.tasks import check_servable
 
 log = logging.getLogger(__name__)
 
@@ -299,15 +300,18 @@ class TritonBackend(Backend):
         if len(meta.inputs) != 1 or meta.inputs[0].datatype != "UINT8":
             raise RepositoryError(f"expected one UINT8 input, Triton reports "
                                   f"{[(i.name, i.datatype) for i in meta.inputs]}")
-        return spec_from_config(cfg, self._local_labels(cfg), version)
+        spec = spec_from_config(cfg, self._local_labels(cfg), version)
+        check_servable(spec)
+        return spec
 
     def _local_labels(self, cfg: mc.ModelConfig) -> list[str]:
         """Labels from the local repository copy, when the gateway has one (Triton does not serve them)."""
         repo = Path(self.settings.model_repository)
-        label_file = (cfg.output[0].label_filename if len(cfg.output) == 1 and cfg.output[0].label_filename
-                      else LABELS_FILE)
+        label_file = label_file_of(cfg)
         labels = read_labels(repo / cfg.name / label_file)
-        num_classes = int(cfg.output[0].dims[-1]) if len(cfg.output) == 1 and cfg.output[0].dims else 0
+        task = cfg.parameters[PARAM_PREFIX + "task"].string_value if PARAM_PREFIX + "task" in cfg.parameters else ""
+        num_classes = (int(cfg.output[0].dims[-1]) if task in ("", "classification") and len(cfg.output) == 1
+                       and cfg.output[0].dims else 0)
         if labels and num_classes and len(labels) != num_classes:
             log.warning("labels in %s do not match Triton's %d classes of %r; using class indices",
                         repo / cfg.name / label_file, num_classes, cfg.name)
@@ -329,7 +333,7 @@ class TritonBackend(Backend):
     def servers(self) -> list[ServerStatus]:
         return [ServerStatus(s.url, s.healthy, dict(s.models), s.last_error) for s in self._servers]
 
-    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = self._specs.get(model)
         if spec is None or not any(model in s.models for s in self._servers):
             raise ModelNotFound(f"model {model!r} is not served by Triton")
@@ -340,7 +344,7 @@ class TritonBackend(Backend):
             return await self._infer_with_retry(spec, batch)
         parts = await asyncio.gather(*(self._infer_with_retry(spec, batch[i:i + step])
                                        for i in range(0, len(batch), step)))
-        return np.concatenate(parts, axis=0)
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in spec.output_names}
 
     @staticmethod
     def _check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
@@ -361,7 +365,7 @@ class TritonBackend(Backend):
                 return server
         return None
 
-    async def _infer_with_retry(self, spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
+    async def _infer_with_retry(self, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
         tried: set[str] = set()
         last: ServingError | None = None
         for _attempt in range(2):
@@ -381,23 +385,19 @@ class TritonBackend(Backend):
         raise BackendUnavailable(f"no healthy Triton server serves model {spec.name!r} "
                                  f"({', '.join(s.url + ': ' + (s.last_error or 'not ready') for s in self._servers)})")
 
-    async def _infer_once(self, server: _Server, spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
+    async def _infer_once(self, server: _Server, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
         tensor = InferInput(spec.input_name, list(batch.shape), "UINT8")
         tensor.set_data_from_numpy(batch)
         try:
             result = await server.client.infer(
-                spec.name, [tensor], outputs=[InferRequestedOutput(spec.output_name)],
+                spec.name, [tensor], outputs=[InferRequestedOutput(name) for name in spec.output_names],
                 client_timeout=self._call_timeout_s)
         except InferenceServerException as exc:
             raise map_error(exc, model=spec.name, url=server.url) from None
         except grpc.RpcError as exc:  # not wrapped by tritonclient (e.g. channel closed)
             raise BackendUnavailable(f"Triton at {server.url}: {exc}") from None
-        probs = result.as_numpy(spec.output_name)
-        if probs is None or probs.shape != (len(batch), spec.num_classes):
-            shape = None if probs is None else list(probs.shape)
-            raise BackendError(f"Triton returned {spec.output_name} of shape {shape} for model {spec.name!r}, "
-                               f"expected {[len(batch), spec.num_classes]}")
-        return probs.astype(np.float32, copy=False)
+        found = {name: value for name in spec.output_names if (value := result.as_numpy(name)) is not None}
+        return check_outputs(spec, found, len(batch))
 
 
 def create_backend(settings: Settings) -> TritonBackend:

@@ -149,10 +149,11 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.InferOutcome:
         await self._model(request.model_name, request.model_version)  # unknown model: NOT_FOUND first
-        ten_crop, timeout_us = oip.request_options(decode_parameters(request.parameters))
+        params = decode_parameters(request.parameters)
+        timeout_us = oip.request_timeout(params)
         return await oip.infer(
             self._dataplane, request.model_name, request.model_version, request_images(request),
-            ten_crop=ten_crop, outputs=requested_outputs(request),
+            params=params, outputs=requested_outputs(request),
             deadline=oip.deadline_from(call_deadline(context), timeout_us))
 
 

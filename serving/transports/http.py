@@ -1,6 +1,6 @@
 """The HTTP side of the gateway (aiohttp).
 
-* ``/v1/classify`` (POST) and ``/v1/models`` (GET): the imgserve.v1 API, bodies in the
+* ``/v1/classify``, ``/v1/detect``, ``/v1/segment`` (POST) and ``/v1/models`` (GET): the imgserve.v1 API, bodies in the
   proto3 JSON mapping (google.protobuf.json_format; bytes are base64);
 * ``/v2/...``: the Open Inference Protocol (KServe v2) REST binding, including the
   binary-tensor extension (``Inference-Header-Content-Length``) and classification;
@@ -26,13 +26,13 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from serving.dataplane import DataPlane, ModelStatus
 from serving.errors import InvalidInput, ServingError, advertised_retry_after
 from serving.metrics import Metrics
 from serving.settings import Settings
 from serving.transports import oip
-from serving.transports.grpc_v1 import classify_options, classify_response, list_models_response
+from serving.tasks import HANDLERS, TaskHandler
+from serving.transports.grpc_v1 import list_models_response, run_v1
 from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
@@ -153,13 +153,13 @@ def require_json(request: web.Request) -> None:
                           grpc_code=grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def parse_classify_request(body: bytes) -> pb.ClassifyRequest:
-    """A ClassifyRequest from JSON, with every image checked to be strict base64 first.
+def parse_v1_request(body: bytes, message_type: type[Message]) -> Any:
+    """An imgserve.v1 request message from JSON, with every image checked to be strict base64 first.
 
     protobuf's JSON parser decodes base64 leniently (it drops stray characters), so a
     mangled image would otherwise reach the decoder and be blamed on the image format.
     """
-    doc = parse_json_object(body, f"request body ({pb.ClassifyRequest.DESCRIPTOR.full_name})")
+    doc = parse_json_object(body, f"request body ({message_type.DESCRIPTOR.full_name})")
     images = doc.get("images")
     if isinstance(images, list):
         for i, item in enumerate(images):
@@ -168,7 +168,7 @@ def parse_classify_request(body: bytes) -> pb.ClassifyRequest:
                 if problem is not None:
                     raise InvalidInput(f"image {i} (images[{i}]) is not valid base64: {problem}; the JSON "
                                        f"mapping carries bytes as standard or URL-safe base64")
-    message = pb.ClassifyRequest()
+    message = message_type()
     try:
         json_format.ParseDict(doc, message)
     except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
@@ -312,17 +312,21 @@ class HttpApi:
 
     # ---- imgserve.v1 mirror
 
-    async def classify(self, request: web.Request) -> web.Response:
-        # the model is unknown until the body parses: errors before that count as "(unknown)"
-        with observe(self.metrics, "http.classify", UNKNOWN_MODEL) as record:
-            require_json(request)
-            body = await read_body(request, self.settings.max_message_bytes)
-            message = parse_classify_request(body)
-            record.model = message.model or UNKNOWN_MODEL
-            top_k, ten_crop = classify_options(message)
-            result = await self.dataplane.classify(message.model, list(message.images), top_k=top_k,
-                                                   ten_crop=ten_crop, deadline=request_deadline(request))
-            return message_response(classify_response(result))
+    def v1_route(self, handler: TaskHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """POST /v1/<method>: the task's imgserve.v1 request in the proto3 JSON mapping."""
+        path_name = handler.v1_method.lower()
+
+        async def serve(request: web.Request) -> web.Response:
+            # the model is unknown until the body parses: errors before that count as "(unknown)"
+            with observe(self.metrics, f"http.{path_name}", UNKNOWN_MODEL) as record:
+                require_json(request)
+                body = await read_body(request, self.settings.max_message_bytes)
+                message = parse_v1_request(body, handler.v1_request)
+                record.model = message.model or UNKNOWN_MODEL
+                response = await run_v1(self.dataplane, handler, message, request_deadline(request))
+                return message_response(response)
+
+        return serve
 
     async def list_models(self, request: web.Request) -> web.Response:
         with observe(self.metrics, "http.models", ""):
@@ -390,10 +394,10 @@ class HttpApi:
             params = doc.get("parameters") or {}
             if not isinstance(params, dict):
                 raise InvalidInput("request 'parameters' must be a JSON object")
-            ten_crop, timeout_us = oip.request_options(params)
+            timeout_us = oip.request_timeout(params)
             outcome = await oip.infer(self.dataplane, model, request.match_info.get("version", ""), images,
-                                      ten_crop=ten_crop, outputs=outputs,
-                                      deadline=oip.deadline_from(None, timeout_us))
+                                      params=params, outputs=outputs,
+                                      deadline=oip.deadline_from(request_deadline(request), timeout_us))
             return v2_response(outcome, doc.get("id"), binary_default)
 
     # ---- operations
@@ -423,7 +427,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
     api = HttpApi(dataplane, metrics, settings, readiness)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_message_bytes)
     r = app.router
-    r.add_post("/v1/classify", api.classify)
+    for handler in HANDLERS.values():
+        r.add_post(f"/v1/{handler.v1_method.lower()}", api.v1_route(handler))
     r.add_get("/v1/models", api.list_models)
     r.add_get("/v2", api.v2_server_metadata)
     r.add_get("/v2/health/live", api.v2_live)

@@ -1,4 +1,4 @@
-"""imgserve Python SDK: classify images through a gateway over gRPC or HTTP/JSON.
+"""imgserve Python SDK: classify, detect and segment images through a gateway over gRPC or HTTP/JSON.
 
     from clients.sdk import ImageClient
     with ImageClient("localhost:8500") as client:
@@ -18,14 +18,16 @@ from clients.sdk.client import ImageClient
 from clients.sdk.errors import (DeadlineExceeded, ImgserveError, InternalError, InvalidArgument, NotFound,
                                 ResourceExhausted, Unavailable)
 from clients.sdk.images import ImageInput
-from clients.types import ClassifyResult, ModelInfo, Prediction
+from clients.types import (ClassifyResult, ClassShare, Detection, DetectResult, ImageDetections, ImageSegmentation,
+                           ModelInfo, Prediction, SegmentResult)
 
 if TYPE_CHECKING:
     from clients.sdk.aio import AsyncImageClient
 
 __all__ = [
-    "AsyncImageClient", "ClassifyResult", "DeadlineExceeded", "ImageClient", "ImageInput", "ImgserveError",
-    "InternalError", "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "Unavailable",
+    "AsyncImageClient", "ClassShare", "ClassifyResult", "DeadlineExceeded", "DetectResult", "Detection",
+    "ImageClient", "ImageDetections", "ImageInput", "ImageSegmentation", "ImgserveError", "InternalError",
+    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "SegmentResult", "Unavailable",
 ]
 
 

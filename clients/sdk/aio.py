@@ -20,11 +20,10 @@ from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.client import find_model
 from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http, not_http
 from clients.sdk.images import as_image_list, encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
-                              ClientState, Endpoint,
-                              check_result_count, classify_request, from_json, grpc_channel_options,
-                              metadata_pairs, to_json)
-from clients.types import ClassifyResult, ModelInfo
+from clients.sdk.wire import (DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, V1_METHODS,
+                              ClientState, Endpoint, check_result_count, classify_request, detect_request,
+                              from_json, grpc_channel_options, metadata_pairs, segment_request, to_json)
+from clients.types import ClassifyResult, DetectResult, ModelInfo, SegmentResult
 
 
 class _AioGrpcTransport:
@@ -55,8 +54,8 @@ class _AioGrpcTransport:
             trailing = {k: v for k, v in (exc.trailing_metadata() or ())}
             raise from_grpc(exc.code().name, exc.details(), trailing) from None
 
-    async def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
-        return await self._call("Classify", request, timeout)
+    async def infer(self, method: str, request: Any, timeout: float | None) -> Any:
+        return await self._call(method, request, timeout)
 
     async def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
         return await self._call("ListModels", pb.ListModelsRequest(), timeout)
@@ -100,9 +99,9 @@ class _AioHttpTransport:
         except aiohttp.ClientError as exc:
             raise Unavailable(f"connection to {self._base} failed: {exc}") from None
 
-    async def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
-        body = await self._request("POST", CLASSIFY_PATH, to_json(request), timeout)
-        return from_json(body, pb.ClassifyResponse)
+    async def infer(self, method: str, request: Any, timeout: float | None) -> Any:
+        path, response_type = V1_METHODS[method]
+        return from_json(await self._request("POST", path, to_json(request), timeout), response_type)
 
     async def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
         return from_json(await self._request("GET", MODELS_PATH, None, timeout), pb.ListModelsResponse)
@@ -134,15 +133,39 @@ class AsyncImageClient(ClientState):
                        timeout: float | None = None) -> ClassifyResult:
         """Classify one image or many in one request (see ImageClient.classify)."""
         timeout = self._timeout(timeout)
+        encoded = await self._encode(images)
+        response = await self._call("Classify", classify_request(model, encoded, top_k, ten_crop), len(encoded),
+                                    timeout)
+        return ClassifyResult.from_proto(response)
+
+    async def detect(self, images: Any, model: str, *, score_threshold: float | None = None,
+                     max_detections: int | None = None, tta: bool | None = None,
+                     timeout: float | None = None) -> DetectResult:
+        """Detect objects in one image or many (see ImageClient.detect)."""
+        timeout = self._timeout(timeout)
+        encoded = await self._encode(images)
+        request = detect_request(model, encoded, score_threshold, max_detections, tta)
+        return DetectResult.from_proto(await self._call("Detect", request, len(encoded), timeout))
+
+    async def segment(self, images: Any, model: str, *, tta: bool | None = None, rle: bool | None = None,
+                      timeout: float | None = None) -> SegmentResult:
+        """Segment one image or many (see ImageClient.segment)."""
+        timeout = self._timeout(timeout)
+        encoded = await self._encode(images)
+        request = segment_request(model, encoded, tta, rle)
+        return SegmentResult.from_proto(await self._call("Segment", request, len(encoded), timeout))
+
+    @staticmethod
+    async def _encode(images: Any) -> list[bytes]:
         items = as_image_list(images)
         if all(isinstance(i, (bytes, bytearray, memoryview)) for i in items):
-            encoded = encode_images(items)
-        else:  # file reads and PNG encoding would block the event loop
-            encoded = await asyncio.to_thread(encode_images, items)
-        request = classify_request(model, encoded, top_k, ten_crop)
-        response = await self._transport.classify(request, timeout)
-        check_result_count(response, len(encoded))
-        return ClassifyResult.from_proto(response)
+            return encode_images(items)
+        return await asyncio.to_thread(encode_images, items)  # file reads and PNG encoding would block the loop
+
+    async def _call(self, method: str, request: Any, n_images: int, timeout: float | None) -> Any:
+        response = await self._transport.infer(method, request, timeout)
+        check_result_count(response, n_images)
+        return response
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the gateway serves."""

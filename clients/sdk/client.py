@@ -19,11 +19,10 @@ from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http, not_http
 from clients.sdk.images import encode_images
-from clients.sdk.wire import (CLASSIFY_PATH, DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER,
-                              ClientState, Endpoint,
-                              classify_request, check_result_count, from_json, grpc_channel_options,
-                              metadata_pairs, to_json)
-from clients.types import ClassifyResult, ModelInfo
+from clients.sdk.wire import (DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, V1_METHODS,
+                              ClientState, Endpoint, check_result_count, classify_request, detect_request,
+                              from_json, grpc_channel_options, metadata_pairs, segment_request, to_json)
+from clients.types import ClassifyResult, DetectResult, ModelInfo, SegmentResult
 
 
 class _GrpcTransport:
@@ -44,8 +43,8 @@ class _GrpcTransport:
             call: Any = exc  # client-side RpcErrors are also grpc.Call
             raise from_grpc(call.code().name, call.details(), dict(call.trailing_metadata() or ())) from None
 
-    def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
-        return self._call(self._stub.Classify, request, timeout)
+    def infer(self, method: str, request: Any, timeout: float | None) -> Any:
+        return self._call(getattr(self._stub, method), request, timeout)
 
     def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
         return self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
@@ -90,9 +89,9 @@ class _HttpTransport:
         except (ConnectionError, http.client.HTTPException) as exc:
             raise Unavailable(f"connection to {self._base} failed: {exc}") from None
 
-    def classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
-        body = self._request("POST", CLASSIFY_PATH, to_json(request), timeout)
-        return from_json(body, pb.ClassifyResponse)
+    def infer(self, method: str, request: Any, timeout: float | None) -> Any:
+        path, response_type = V1_METHODS[method]
+        return from_json(self._request("POST", path, to_json(request), timeout), response_type)
 
     def list_models(self, timeout: float | None) -> pb.ListModelsResponse:
         return from_json(self._request("GET", MODELS_PATH, None, timeout), pb.ListModelsResponse)
@@ -131,10 +130,38 @@ class ImageClient(ClientState):
         """
         timeout = self._timeout(timeout)
         encoded = encode_images(images)
-        request = classify_request(model, encoded, top_k, ten_crop)
-        response = self._transport.classify(request, timeout)
-        check_result_count(response, len(encoded))
+        response = self._call("Classify", classify_request(model, encoded, top_k, ten_crop), len(encoded), timeout)
         return ClassifyResult.from_proto(response)
+
+    def detect(self, images: Any, model: str, *, score_threshold: float | None = None,
+               max_detections: int | None = None, tta: bool | None = None,
+               timeout: float | None = None) -> DetectResult:
+        """Detect objects in one image or many; boxes come back in each original image's pixels.
+
+        ``score_threshold`` (in [0, 1]) and ``max_detections`` (1..K) default to the model's
+        settings; ``tta`` adds horizontal-flip test-time augmentation. Calling it on a model
+        that is not a detector raises InvalidArgument naming the model's task.
+        """
+        timeout = self._timeout(timeout)
+        encoded = encode_images(images)
+        request = detect_request(model, encoded, score_threshold, max_detections, tta)
+        return DetectResult.from_proto(self._call("Detect", request, len(encoded), timeout))
+
+    def segment(self, images: Any, model: str, *, tta: bool | None = None, rle: bool | None = None,
+                timeout: float | None = None) -> SegmentResult:
+        """Segment one image or many: a class-index mask at each original image's size.
+
+        ``tta`` averages the image with its mirror; ``rle`` adds COCO RLE per class present.
+        """
+        timeout = self._timeout(timeout)
+        encoded = encode_images(images)
+        request = segment_request(model, encoded, tta, rle)
+        return SegmentResult.from_proto(self._call("Segment", request, len(encoded), timeout))
+
+    def _call(self, method: str, request: Any, n_images: int, timeout: float | None) -> Any:
+        response = self._transport.infer(method, request, timeout)
+        check_result_count(response, n_images)
+        return response
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the gateway serves."""

@@ -253,3 +253,47 @@ def test_weighted_box_fusion() -> None:
     # different classes never fuse
     c = (np.array([[10, 10, 50, 50]], np.float32), np.array([0.7], np.float32), np.array([1], np.int32))
     assert len(fuse_boxes([a, c])[0]) == 3
+
+
+def test_cli_detect_draw_and_segment_overlay(tmp_path, capsys) -> None:
+    """`imgserve detect --draw` paints the box where the object is; `segment --overlay/--mask` write pictures."""
+    import json
+
+    from clients.commands import detect as detect_cmd
+    from clients.commands import segment as segment_cmd
+
+    w, h, (x1, y1, x2, y2) = CASES[0]
+    source = tmp_path / "scene.png"
+    source.write_bytes(rectangle_png(w, h, (x1, y1, x2, y2)))
+
+    async def scenario() -> list[int]:
+        async with running_gateway(backend()) as gw:
+            target = grpc_target(gw)
+            return [
+                await asyncio.to_thread(detect_cmd.main, [str(source), "-m", "tinydet", "-s", target,
+                                                          "--draw", str(tmp_path / "boxes.png")]),
+                await asyncio.to_thread(detect_cmd.main, [str(source), str(source), "-m", "tinydet", "-s",
+                                                          http_url(gw), "--json", "--score-threshold", "0.1"]),
+                await asyncio.to_thread(segment_cmd.main, [str(source), "-m", "tinyseg", "-s", target,
+                                                           "--overlay", str(tmp_path / "over.png"),
+                                                           "--mask", str(tmp_path / "mask.png")]),
+                await asyncio.to_thread(detect_cmd.main, [str(source), "-m", "tinyseg", "-s", target]),
+            ]
+
+    codes = asyncio.run(scenario())
+    out, err = capsys.readouterr()
+    assert codes == [0, 0, 0, 1]
+    assert "bright" in out and "(150x90, 1 detections)" in out
+    doc = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert [len(im["detections"]) for im in doc["images"]] == [2, 2] and doc["images"][0]["image"] == str(source)
+    assert "INVALID_ARGUMENT" in err and "segmentation model" in err
+    drawn = np.asarray(Image.open(tmp_path / "boxes.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(source).convert("RGB")).astype(int)
+    changed = np.abs(drawn - original).sum(axis=-1) > 0
+    ys, xs = np.nonzero(changed)
+    assert abs(xs.min() - x1) <= 6 and abs(xs.max() - x2) <= 6 and abs(ys.max() - y2) <= 6, "box drawn elsewhere"
+    mask = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert mask.shape == (h, w) and set(np.unique(mask)) == {0, 1}
+    over = np.asarray(Image.open(tmp_path / "over.png").convert("RGB")).astype(int)
+    tinted = np.abs(over - original).sum(axis=-1) > 0
+    assert (tinted == (mask == 1)).mean() > 0.99, "only the object's pixels are tinted"

@@ -9,7 +9,7 @@ from clients.sdk.client import ImageClient
 from clients.sdk.errors import ImgserveError
 from clients.types import ModelInfo
 
-_COLUMNS = ("name", "version", "task", "classes", "input", "10-crop", "max batch", "ready", "description")
+_COLUMNS = ("name", "version", "task", "classes", "input", "tta", "max batch", "ready", "description")
 CHANNEL_NAMES = {1: "grey", 3: "RGB"}
 
 
@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def input_summary(model: ModelInfo) -> str:
-    """``36->32x32 RGB``: the shorter side is resized to 36, the model sees 32x32 RGB crops of it."""
+    """``36->32x32 RGB``: the shorter side is resized to 36, the model sees 32x32 RGB crops of it;
+    ``letterbox 128x128 RGB``: the whole image is fitted into 128x128 (detectors, segmenters)."""
     channels = CHANNEL_NAMES.get(model.channels, f"{model.channels}ch")
+    if model.geometry == "letterbox":
+        return f"letterbox {model.crop}x{model.crop} {channels}"
     return f"{model.resize}->{model.crop}x{model.crop} {channels}"
 
 

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,13 @@ from serving.backends.base import Backend
 from serving.dataplane import DataPlane
 from serving.health import DrainingHealthServicer
 from serving.metrics import Metrics
+from serving import security
 from serving.settings import Settings
 from serving.transports import grpc_v1, grpc_v2
+from serving.transports.auth import AuthInterceptor
+from serving.transports.grpc_guard import MalformedRequestInterceptor
 from serving.transports.http import create_app
+from serving.transports.http_server import GuardedAppRunner
 
 log = logging.getLogger("imgserve.app")
 
@@ -82,6 +87,9 @@ class Gateway:
     draining: bool = False
     _monitor: asyncio.Task[None] | None = None
     _started: bool = False
+    auth: security.AuthPolicy | None = None
+    _grpc_credentials: grpc.ServerCredentials | None = None
+    _http_ssl: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self.dataplane = DataPlane(self.settings, self.backend, self.metrics)
@@ -107,6 +115,7 @@ class Gateway:
     async def start(self) -> None:
         """Start data plane (and with it the backend) and both servers; on failure, undo what started."""
         try:
+            self._load_security()
             self._started = True
             await self.dataplane.start()  # starts the backend too
             await self._start_grpc()
@@ -117,9 +126,22 @@ class Gateway:
             await self.close(grace_s=0.0)
             raise
 
+    def _load_security(self) -> None:
+        """Tokens and TLS files are checked before anything listens: a typo must stop the start, loudly."""
+        try:
+            self.auth = security.AuthPolicy.from_settings(self.settings)
+            self._grpc_credentials = security.grpc_server_credentials(self.settings)
+            self._http_ssl = security.http_ssl_context(self.settings)
+        except security.SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
+        warning = security.exposure_warning(self.settings)
+        if warning is not None:
+            log.warning("%s", warning)
+
     async def _start_grpc(self) -> None:
         limit = self.settings.max_message_bytes
-        server = grpc.aio.server(options=[
+        interceptors = ([AuthInterceptor(self.auth)] if self.auth is not None else []) + [MalformedRequestInterceptor()]
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             # never share a port with another process: a second gateway on the same
@@ -134,7 +156,8 @@ class Gateway:
             (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            self.grpc_port = (server.add_secure_port(address, self._grpc_credentials)
+                              if self._grpc_credentials is not None else server.add_insecure_port(address))
         except RuntimeError as exc:
             raise StartupError(f"cannot listen for gRPC on {address}: {exc} (port in use?)") from exc
         if self.grpc_port == 0:
@@ -143,11 +166,14 @@ class Gateway:
         await server.start()
 
     async def _start_http(self) -> None:
-        app = create_app(self.dataplane, self.metrics, self.settings, readiness=self.ready)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s)
+        app = create_app(self.dataplane, self.metrics, self.settings, readiness=self.ready, auth=self.auth)
+        runner = GuardedAppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s,
+                                  keepalive_timeout=self.settings.http_keepalive_timeout_s,
+                                  header_timeout_s=self.settings.http_header_timeout_s)
         await runner.setup()
         self.http_runner = runner
-        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_address=True)
+        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_address=True,
+                           ssl_context=self._http_ssl)
         try:
             await site.start()
         except OSError as exc:

@@ -66,6 +66,17 @@ class BackendError(ServingError):
     http_status = 500
 
 
+class Unauthenticated(ServingError):
+    """No valid bearer token (HTTP adds ``WWW-Authenticate: Bearer``)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+    def __init__(self, message: str, challenge: str = 'Bearer realm="imgserve"') -> None:
+        super().__init__(message)
+        self.challenge = challenge  # the WWW-Authenticate value (RFC 6750)
+
+
 def http_status_for(code: grpc.StatusCode) -> int:
     """HTTP status for a gRPC code, for errors that did not come from a ServingError."""
     return {
@@ -75,4 +86,5 @@ def http_status_for(code: grpc.StatusCode) -> int:
         grpc.StatusCode.UNAVAILABLE: 503,
         grpc.StatusCode.DEADLINE_EXCEEDED: 504,
         grpc.StatusCode.UNIMPLEMENTED: 501,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
     }.get(code, 500)

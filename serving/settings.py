@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "IMGSERVE_"
+# Settings only the environment may set: a secret on the command line is visible in `ps` to every user.
+ENV_ONLY = frozenset({"auth_tokens"})
 
 
 @dataclass
@@ -31,6 +33,17 @@ class Settings:
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
+    # security (docs/security.md): TLS on both ports, mTLS on gRPC, bearer tokens, HTTP slow-client limits
+    tls_cert: str = ""                        # PEM certificate chain; with tls_key turns TLS on for gRPC and HTTP
+    tls_key: str = ""                         # PEM private key of tls_cert
+    tls_client_ca: str = ""                   # PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)
+    auth_token_file: str = ""                 # bearer tokens, one per line (re-read when it changes)
+    auth_tokens: str = field(default="", repr=False)  # env IMGSERVE_AUTH_TOKENS only (comma-separated); never a flag
+    auth_exempt_health: bool = True           # health and readiness answer without a token
+    auth_exempt_metrics: bool = True          # /metrics answers without a token
+    http_header_timeout_s: float = 10.0       # request line + headers must arrive within this
+    http_body_timeout_s: float = 60.0         # the whole request body must arrive within this (408 after)
+    http_keepalive_timeout_s: float = 75.0    # idle keep-alive connections are closed after this
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -49,7 +62,7 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add one --flag per field; defaults are None so env values survive unset flags."""
         for f in fields(cls):
-            if f.name == "extra":
+            if f.name == "extra" or f.name in ENV_ONLY:
                 continue
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                                 help=f"(env {ENV_PREFIX}{f.name.upper()}; default {getattr(cls(), f.name)})")
@@ -78,6 +91,16 @@ class Settings:
             raise ValueError("shutdown_grace_s must be >= 0")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
             raise ValueError("max_queue_size must be >= 1 and max_queue_delay_ms >= 0")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
+        for name in ("http_header_timeout_s", "http_body_timeout_s", "http_keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
 
     @property
     def triton_urls(self) -> list[str]:

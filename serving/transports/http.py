@@ -27,12 +27,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from serving.dataplane import DataPlane, ModelStatus
-from serving.errors import InvalidInput, ServingError, advertised_retry_after
+from serving.errors import InvalidInput, ServingError, Unauthenticated, advertised_retry_after
 from serving.metrics import Metrics
+from serving.security import AuthPolicy
 from serving.settings import Settings
 from serving.transports import oip
 from serving.tasks import HANDLERS, TaskHandler
 from serving.transports.grpc_v1 import list_models_response, run_v1
+from serving.transports.auth import auth_middleware
 from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
@@ -44,6 +46,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 INTERNAL_MESSAGE = "internal error in the gateway (the server log has the details)"
 
 Readiness = Callable[[], Awaitable[bool]]
+# Seconds a request body may take to arrive (settings.http_body_timeout_s), kept on the app so
+# read_body needs no settings argument.
+BODY_TIMEOUT_KEY = web.AppKey("imgserve_body_timeout_s", float)
 
 
 class HttpProblem(ServingError):
@@ -103,6 +108,7 @@ _STATUS_CODES: dict[int, grpc.StatusCode] = {
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -117,7 +123,12 @@ async def error_middleware(request: web.Request,
     try:
         return await handler(request)
     except ServingError as exc:
-        return error_response(request, exc.http_status, exc.code_name, exc.message, exc.retry_after_s)
+        response = error_response(request, exc.http_status, exc.code_name, exc.message, exc.retry_after_s)
+        if isinstance(exc, Unauthenticated):
+            response.headers["WWW-Authenticate"] = exc.challenge
+        if exc.http_status == 408:
+            response.force_close()  # the rest of a late body is not worth waiting for
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -140,10 +151,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                           http_status=413, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
     if request.content_length is not None and request.content_length > limit:
         raise too_big
+    timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_big from None
+    except TimeoutError:
+        raise HttpProblem(f"the request body did not arrive within {timeout_s:g} s (--http-body-timeout-s)",
+                          http_status=408, grpc_code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
 
 
 def require_json(request: web.Request) -> None:
@@ -422,10 +438,15 @@ class HttpApi:
 
 
 def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
-               readiness: Readiness | None = None) -> web.Application:
-    """The aiohttp application; the body limit is settings.max_message_bytes (413 beyond it)."""
+               readiness: Readiness | None = None, auth: AuthPolicy | None = None) -> web.Application:
+    """The aiohttp application; the body limit is settings.max_message_bytes (413 beyond it).
+
+    With ``auth`` every route outside its exemptions needs a bearer token (401 otherwise).
+    """
     api = HttpApi(dataplane, metrics, settings, readiness)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_message_bytes)
+    middlewares = [error_middleware] + ([auth_middleware(auth)] if auth is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_message_bytes)
+    app[BODY_TIMEOUT_KEY] = settings.http_body_timeout_s
     r = app.router
     for handler in HANDLERS.values():
         r.add_post(f"/v1/{handler.v1_method.lower()}", api.v1_route(handler))

@@ -81,10 +81,17 @@ class GuardedServer(web.Server):
         return GuardedRequestHandler(self, loop=self._loop, header_timeout_s=self.header_timeout_s, **self._kwargs)
 
 
+# After answering a request whose body it did not read (413, 408, 401 on an upload), aiohttp keeps
+# reading ("lingering") so the client can finish sending and see the answer; its default of 10 s
+# would let a slow-body client hold the connection that long after its 408.
+LINGERING_S = 2.0
+
+
 class GuardedAppRunner(web.AppRunner):
     """AppRunner whose connections enforce ``header_timeout_s`` (pass keepalive_timeout as usual)."""
 
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        kwargs.setdefault("lingering_time", LINGERING_S)
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
 

@@ -271,6 +271,8 @@ def v2_images(doc: dict[str, Any], binary: bytes) -> list[bytes]:
 def v2_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput], bool]:
     """Requested outputs and the request-wide binary default (``binary_data_output``)."""
     params = doc.get("parameters") or {}
+    if not isinstance(params, dict):  # found by tests/test_fuzz.py: {"parameters": true} was a 500
+        raise InvalidInput("request 'parameters' must be a JSON object")
     binary_default = oip.bool_parameter("binary_data_output", params.get("binary_data_output", False))
     outs: list[oip.RequestedOutput] = []
     raw = doc.get("outputs") or []

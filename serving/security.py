@@ -121,7 +121,8 @@ class TokenStore:
         return len(self._env) + len(self._file_tokens)
 
     def _reload(self, force: bool = False) -> None:
-        assert self._file is not None
+        if self._file is None:
+            return
         st = os.stat(self._file)
         state = _FileState(st.st_mtime_ns, st.st_size, st.st_ino)
         if not force and state == self._file_state:
@@ -280,7 +281,7 @@ def exposure_warning(settings: Settings) -> str | None:
                if not on]
     if not missing:
         return None
-    where = "all interfaces" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    where = "all interfaces" if settings.host in ("0.0.0.0", "::", "") else settings.host  # nosec B104 - a comparison
     return (f"listening on {where} without {' and without '.join(missing)}: anyone who can reach these ports "
             f"can use every model; configure them, or pass --host 127.0.0.1 for local use (docs/security.md)")
 

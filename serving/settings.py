@@ -14,7 +14,7 @@ ENV_ONLY = frozenset({"auth_tokens"})
 @dataclass
 class Settings:
     model_repository: Path = Path("model_repository")
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 - containers must listen on the pod IP; warned at start (docs/security.md)
     grpc_port: int = 8500
     http_port: int = 8080
     backend: str = "onnxruntime"             # "onnxruntime" (embedded) or "triton"

@@ -13,7 +13,7 @@ DEFAULT_SERVER = "localhost:8500"
 # Where the client commands go when --server is not given (like DOCKER_HOST for docker).
 SERVER_ENV = "IMGSERVE_SERVER"
 # A bearer token from the environment, so it need not appear on the command line (visible in `ps`).
-TOKEN_ENV = "IMGSERVE_TOKEN"
+TOKEN_ENV = "IMGSERVE_TOKEN"  # nosec B105 - the name of an env variable, not a secret
 
 # Exit codes of the client commands.
 EXIT_OK = 0

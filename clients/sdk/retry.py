@@ -139,7 +139,7 @@ class Retrier:
     def __init__(self, retries: RetryPolicy | int | None, seed: int | None = None) -> None:
         self.policy = RetryPolicy.of(retries)
         self.budget = RetryBudget(self.policy.budget_ratio, self.policy.budget_floor)
-        self._rng = random.Random(seed)  # jitter, not security: nosec B311 (no secrets derive from it)
+        self._rng = random.Random(seed)  # nosec B311 - backoff jitter, no secret derives from it
 
     def start(self, timeout: float | None) -> RetryState:
         return RetryState(self.policy, self.budget, timeout, self._rng)

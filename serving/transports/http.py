@@ -127,7 +127,7 @@ async def error_middleware(request: web.Request,
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = exc.challenge
         if exc.http_status == 408:
-            response.force_close()  # no keep-alive after a late body (aiohttp lingers briefly, then closes)
+            response.force_close()  # no keep-alive after a late body (http_server.py closes at once)
         return response
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -49,7 +49,10 @@ class GuardedRequestHandler(web.RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            if not self._messages:  # nothing pipelined behind it: the next bytes start a new head
+            if getattr(resp, "status", None) == 408:
+                # the body was too slow: close once the 408 is flushed, instead of lingering for the rest
+                self.force_close()
+            elif not self._messages:  # nothing pipelined behind it: the next bytes start a new head
                 self._awaiting_head = True
 
     def connection_lost(self, exc: BaseException | None) -> None:

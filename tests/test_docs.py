@@ -105,6 +105,7 @@ def env_vars_read() -> frozenset[str]:
     names = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     sources = [*ROOT.glob("serving/**/*.py"), *ROOT.glob("clients/**/*.py"), *ROOT.glob("export/**/*.py"),
                *ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.sh"), ROOT / "tests" / "conftest.py",
+               ROOT / "tests" / "test_fuzz.py",
                ROOT / "Makefile"]
     for path in sources:
         names |= set(re.findall(r"\bIMGSERVE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))

@@ -9,7 +9,6 @@ through one Batcher per model, so concurrent requests share backend calls.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.admission import FairExecutor, request_pixels
 from serving.backends.base import Backend
 from serving.batcher import Batcher
 from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
@@ -67,7 +67,7 @@ class DataPlane:
         self.metrics = metrics
         self._decode_options = DecodeOptions(max_pixels=settings.max_image_pixels)
         self._task_defaults = TaskDefaults(top_k=settings.default_top_k)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: FairExecutor | None = None
         self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self._started = False
@@ -86,7 +86,7 @@ class DataPlane:
         if self._started:
             return
         workers = self.settings.preprocess_threads or self.settings.cores
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        self._executor = FairExecutor(workers, large_pixels=self.settings.large_image_pixels)
         await self.backend.start()
         self._stopping = False
         self._started = True
@@ -202,7 +202,9 @@ class DataPlane:
                                f"(imgserve.v1) or the v2 endpoint, not {expected.v1_method}")
         parsed = handler.parse_options(spec, dict(options or {}), self._task_defaults)
         self._check_images(images)
-        result = await self._run(handler, spec, parsed, images, deadline)
+        # headers only, before any decoding: an over-budget request costs no decode time
+        costs = request_pixels(images, self.settings.max_request_pixels)
+        result = await self._run(handler, spec, parsed, images, deadline, costs)
         return handler, spec, result
 
     async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
@@ -252,7 +254,7 @@ class DataPlane:
                 raise InvalidInput(f"image {i}: expected encoded image bytes, got {type(data).__name__}")
 
     async def _run(self, handler: TaskHandler, spec: ModelSpec, options: Any, images: Sequence[bytes],
-                   deadline: float) -> TaskResult:
+                   deadline: float, costs: Sequence[int] | None = None) -> TaskResult:
         self._check_running()
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
@@ -263,7 +265,7 @@ class DataPlane:
                 spec, deadline, f"decoding {len(images)} images",
                 [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
                                    decode=self._decode_options) for i, data in enumerate(images)],
-                observe_preprocess=True)
+                observe_preprocess=True, costs=costs)
             batcher = await self._batcher(spec)
             outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
             if handler.postprocess_in_pool:
@@ -279,16 +281,21 @@ class DataPlane:
         return TaskResult(model=spec.name, version=str(spec.version), tta=handler.tta(options), images=images_out)
 
     async def _in_pool(self, spec: ModelSpec, deadline: float, what: str, calls: list[Callable[[], Any]],
-                       *, observe_preprocess: bool = False) -> list[Any]:
+                       *, observe_preprocess: bool = False, costs: Sequence[int] | None = None) -> list[Any]:
         """Run ``calls`` in the preprocessing pool within the deadline; results in order.
 
+        The calls form one lane of the fair executor (serving/admission.py): they take turns
+        with other requests' calls, and ``costs`` (pixels) keep large ones off the express worker.
         The first failing call (by position) decides the error, so messages are deterministic.
         """
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("the data plane is not started")
         start = time.perf_counter()
-        futures = [executor.submit(call) for call in calls]
+        try:
+            futures = executor.submit_many(calls, costs)
+        except RuntimeError:  # shut down between the check above and here
+            raise BackendUnavailable("the data plane is stopping") from None
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:
             done, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))

@@ -22,7 +22,7 @@ from serving.admission import FairExecutor, request_pixels
 from serving.backends.base import Backend
 from serving.batcher import Batcher
 from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
-                            ServingError)
+                            ServingError, ShuttingDown)
 from serving.metrics import Metrics
 from serving.preprocess import DecodeOptions, configure_pillow
 from serving.repository import ModelSpec, RepositoryError
@@ -122,6 +122,25 @@ class DataPlane:
             executor.shutdown(wait=False, cancel_futures=True)
         self._started = False
 
+    def refuse_new(self) -> None:
+        """The drain's refusing phase: new requests get ShuttingDown (UNAVAILABLE / 503 + Retry-After),
+        admitted ones go on, and queued crops are sent without waiting for a batch to fill."""
+        self._stopping = True
+        self.flush_queues()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted by run() and not yet answered."""
+        return self._in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left (True), or ``timeout_s`` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
+
     def flush_queues(self) -> None:
         """A drain has begun: queued crops go to the backend now instead of waiting for a batch to fill.
 
@@ -192,6 +211,19 @@ class DataPlane:
         that serves it. ``options`` are the task's request options (absent = default).
         """
         self._check_running()
+        # counted from here, not from decoding: a drain that has let this request in waits for it
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._run_request(model, images, task, options, deadline)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _run_request(self, model: str, images: Sequence[bytes], task: str | None,
+                           options: Mapping[str, object] | None,
+                           deadline: float | None) -> tuple[TaskHandler, ModelSpec, TaskResult]:
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
         spec = await self._spec(model)
@@ -236,7 +268,7 @@ class DataPlane:
 
     def _check_running(self) -> None:
         if self._stopping:
-            raise BackendUnavailable("the server is shutting down")
+            raise ShuttingDown()
         if not self._started:
             raise BackendUnavailable("the data plane is not started")
 
@@ -255,29 +287,21 @@ class DataPlane:
 
     async def _run(self, handler: TaskHandler, spec: ModelSpec, options: Any, images: Sequence[bytes],
                    deadline: float, costs: Sequence[int] | None = None) -> TaskResult:
-        self._check_running()
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            prepared = await self._in_pool(
-                spec, deadline, f"decoding {len(images)} images",
-                [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
-                                   decode=self._decode_options) for i, data in enumerate(images)],
-                observe_preprocess=True, costs=costs)
-            batcher = await self._batcher(spec)
-            outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
-            if handler.postprocess_in_pool:
-                (images_out,) = await self._in_pool(
-                    spec, deadline, "postprocessing",
-                    [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
-            else:
-                images_out = handler.postprocess(spec, options, prepared, outputs)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        prepared = await self._in_pool(
+            spec, deadline, f"decoding {len(images)} images",
+            [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
+                               decode=self._decode_options) for i, data in enumerate(images)],
+            observe_preprocess=True, costs=costs)
+        batcher = await self._batcher(spec)
+        outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+        if handler.postprocess_in_pool:
+            (images_out,) = await self._in_pool(
+                spec, deadline, "postprocessing",
+                [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
+        else:
+            images_out = handler.postprocess(spec, options, prepared, outputs)
         return TaskResult(model=spec.name, version=str(spec.version), tta=handler.tta(options), images=images_out)
 
     async def _in_pool(self, spec: ModelSpec, deadline: float, what: str, calls: list[Callable[[], Any]],

@@ -27,7 +27,7 @@ class Settings:
     max_image_pixels: int = 50_000_000        # Pillow decompression-bomb guard
     default_top_k: int = 5
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
-    triton_health_interval_s: float = 2.0
+    triton_health_interval_s: float = 0.5      # Triton probes (with the breaker: fault and recovery detection)
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"

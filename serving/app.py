@@ -39,6 +39,7 @@ from serving.dataplane import DataPlane
 from serving.drain import drain_middleware
 from serving.health import DrainingHealthServicer
 from serving.metrics import Metrics
+from serving.reload import ModelControl, control_for
 from serving.settings import Settings
 from serving.transports import grpc_v1, grpc_v2
 from serving.transports.http import create_app
@@ -96,10 +97,14 @@ class Gateway:
     _ready_state: bool = False   # the one readiness value (see _sync_health)
     _monitor: asyncio.Task[None] | None = None
     _started: bool = False
+    model_control: ModelControl | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.dataplane = DataPlane(self.settings, self.backend, self.metrics)
         self.health = DrainingHealthServicer()
+        self.model_control = control_for(self.backend, self.settings.model_control_mode,
+                                         self.settings.repository_poll_interval_s)
+        self.dataplane.model_control = self.model_control
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -127,6 +132,8 @@ class Gateway:
         try:
             self._started = True
             await self.dataplane.start()  # starts the backend too
+            if self.model_control is not None:
+                await self.model_control.start()
             await self._start_grpc()
             await self._start_http()
             await self._sync_health()
@@ -243,6 +250,8 @@ class Gateway:
         self.draining = self.refusing = True
         self._ready_state = False
         self.dataplane.flush_queues()  # in-flight requests must not wait out the batching delay
+        if self.model_control is not None:
+            await self.model_control.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

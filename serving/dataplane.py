@@ -73,6 +73,7 @@ class DataPlane:
         self._started = False
         self._stopping = False
         self._in_flight = 0                    # requests past validation, not yet answered
+        self.model_control: Any = None         # serving.reload.ModelControl when the backend can reload
         self._idle = asyncio.Event()
         self._idle.set()
         # stop() may take this long to drain queued crops before failing them
@@ -184,7 +185,7 @@ class DataPlane:
         if self._stopping:
             raise BackendUnavailable("the server is shutting down")
         batcher = Batcher(
-            spec.name, functools.partial(self.backend.infer, spec.name),
+            spec.name, functools.partial(self.backend.infer_spec, spec),
             max_batch_size=self.settings.max_batch_size or spec.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,

@@ -33,6 +33,7 @@ from serving.settings import Settings
 from serving.transports import oip
 from serving.tasks import HANDLERS, TaskHandler
 from serving.transports.grpc_v1 import list_models_response, run_v1
+from serving.transports.grpc_v2 import repository_call
 from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
@@ -367,10 +368,24 @@ class HttpApi:
         with observe(self.metrics, "http.v2.index", ""):
             body = await read_body(request, self.settings.max_message_bytes)
             only_ready = bool(parse_json_object(body, "request body").get("ready", False)) if body.strip() else False
+            control = self.dataplane.model_control
+            if control is not None:   # the embedded backend: unloaded repository models are listed too
+                return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                                      for e in await control.index() if not only_ready or e.state == "READY"])
             statuses = sorted(await self.dataplane.list_models(), key=lambda s: s.spec.name)
             return json_response([{"name": s.spec.name, "version": str(s.spec.version),
                                    "state": "READY" if s.ready else "UNAVAILABLE"}
                                   for s in statuses if not only_ready or s.ready])
+
+    async def v2_repository_model(self, request: web.Request) -> web.Response:
+        """POST /v2/repository/models/{model}/load|unload (--model-control-mode explicit)."""
+        model, action = request.match_info["model"], request.match_info["action"]
+        with observe(self.metrics, f"http.v2.{action}", model):
+            body = await read_body(request, self.settings.max_message_bytes)
+            if body.strip():
+                parse_json_object(body, "request body")   # Triton's optional {"parameters": ...}
+            await repository_call(self.dataplane, action, model)
+            return json_response({})
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -434,6 +449,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
     r.add_get("/v2/health/live", api.v2_live)
     r.add_get("/v2/health/ready", api.v2_ready)
     r.add_post("/v2/repository/index", api.v2_repository_index)
+    r.add_post("/v2/repository/models/{model}/{action:load|unload}", api.v2_repository_model)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(base, api.v2_model_metadata)
         r.add_get(base + "/ready", api.v2_model_ready)

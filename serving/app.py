@@ -54,6 +54,8 @@ BACKEND_MODULES: dict[str, str] = {
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MONITOR_INTERVAL_S = 0.1
+QUIET_BEFORE_CLOSE_S = 0.25   # drain: no refusal for this long before the listeners close ...
+MAX_QUIET_WAIT_S = 3.0        # ... or at most this long (and never past the grace period)
 
 
 class StartupError(RuntimeError):
@@ -237,6 +239,13 @@ class Gateway:
         if not await self.dataplane.wait_idle(grace):
             log.warning("drain: %d requests still running after the %.1f s grace period",
                         self.dataplane.in_flight, grace)
+        # Closing the servers while clients still send would cut the calls the gRPC core has taken
+        # but not yet handed over (CANCELLED) and reset fresh HTTP connections: keep refusing until
+        # a short quiet moment (clients told Retry-After back off), within the grace period.
+        quiet_end = min(end, time.monotonic() + MAX_QUIET_WAIT_S)
+        while (time.monotonic() < quiet_end
+               and time.monotonic() - self.dataplane.last_refusal < QUIET_BEFORE_CLOSE_S):
+            await asyncio.sleep(0.02)
         await self.close(max(0.0, end - time.monotonic()))
         log.info("stopped")
 

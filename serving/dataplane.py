@@ -73,6 +73,7 @@ class DataPlane:
         self._started = False
         self._stopping = False
         self._in_flight = 0                    # requests past validation, not yet answered
+        self.last_refusal = 0.0                # when a request was last refused as shutting down
         self.model_control: Any = None         # serving.reload.ModelControl when the backend can reload
         self._idle = asyncio.Event()
         self._idle.set()
@@ -269,6 +270,7 @@ class DataPlane:
 
     def _check_running(self) -> None:
         if self._stopping:
+            self.last_refusal = time.monotonic()
             raise ShuttingDown()
         if not self._started:
             raise BackendUnavailable("the data plane is not started")

@@ -24,6 +24,7 @@ import ctypes.util
 import io
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # Images at least this large (in pixels) go to the "large" class; the express worker skips them.
 DEFAULT_LARGE_PIXELS = 4_000_000
+# The general workers (the only ones that decode large images) run at this nice value on Linux, so
+# on a busy machine the express worker and the event loop get the CPU first (a one-way change:
+# unprivileged threads may lower their priority but not raise it back).
+GENERAL_WORKER_NICE = 5
 
 
 class RequestTooLarge(ServingError):
@@ -148,12 +153,14 @@ class FairExecutor:
     """
 
     def __init__(self, workers: int, *, large_pixels: int = DEFAULT_LARGE_PIXELS,
-                 trim_memory: bool = True, thread_name_prefix: str = "preprocess") -> None:
+                 trim_memory: bool = True, nice_general: bool = True,
+                 thread_name_prefix: str = "preprocess") -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.large_pixels = large_pixels
         self.stats = ExecutorStats()
         self._trim = trim_memory
+        self._nice = nice_general
         self._lanes: deque[_Lane] = deque()
         self._cond = threading.Condition()
         self._shutdown = False
@@ -229,6 +236,11 @@ class FairExecutor:
         return None
 
     def _worker(self, express: bool) -> None:
+        if not express and self._nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GENERAL_WORKER_NICE)
+            except OSError:  # not permitted here: fairness still holds, only less CPU preference
+                pass
         while True:
             with self._cond:
                 work = self._take(express)

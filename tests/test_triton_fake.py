@@ -13,7 +13,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from serving.backends.triton import ModelReloading, TritonBackend, map_error
-from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
+from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput,
                             Overloaded, ServingError)
 from serving.repository import Preprocess
 from serving.settings import Settings

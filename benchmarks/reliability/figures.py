@@ -36,9 +36,9 @@ from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 
 
-def _spec(**changes: object):  # type: ignore[no-untyped-def]
+def _spec(name: str = "tiny", **changes: object):  # type: ignore[no-untyped-def]
     from tests.fakes import tiny_spec
-    return tiny_spec(**changes)
+    return tiny_spec(name, **changes)
 
 
 def _grey(value: int) -> bytes:
@@ -129,8 +129,8 @@ async def exactly_once(total: int, concurrency: int) -> dict[str, object]:
                     while not queue.empty():
                         i = queue.get_nowait()
                         try:
-                            await stub.Classify(pb.ClassifyRequest(model="tiny", images=[images[i % 256]],
-                                                                   request_id=str(i)), timeout=60)
+                            await stub.Classify(pb.ClassifyRequest(model="tiny", images=[images[i % 256]]),
+                                            timeout=60)
                             answered[i] += 1
                             codes["OK"] += 1
                         except grpc.aio.AioRpcError as exc:
@@ -364,12 +364,17 @@ async def version_swap(swaps: int, clients: int = 8) -> dict[str, object]:
 
 async def run_all(soak: bool) -> dict[str, object]:
     results: dict[str, object] = {"soak": soak, "cores": len(os.sched_getaffinity(0))}
-    results["head_of_line"] = await head_of_line(7000 if soak else 2500, 64 if soak else 12)
-    results["exactly_once"] = await exactly_once(10_000, 64) if soak else await exactly_once(2_000, 64)
-    results["sigterm"] = await sigterm_under_load(32, 8, 3.0 if soak else 2.0, 1.0)
-    results["sigint"] = await sigterm_under_load(32, 8, 2.0, 1.0, sig=signal.SIGINT)
-    results["triton_faults"] = await triton_faults(2.0, 5.0 if soak else 3.0)
-    results["version_swap"] = await version_swap(5 if soak else 2)
+    stages = {
+        "head_of_line": lambda: head_of_line(7000 if soak else 2500, 64 if soak else 12),
+        "exactly_once": lambda: exactly_once(10_000 if soak else 2_000, 64),
+        "sigterm": lambda: sigterm_under_load(32, 8, 3.0 if soak else 2.0, 1.0),
+        "sigint": lambda: sigterm_under_load(32, 8, 2.0, 1.0, sig=signal.SIGINT),
+        "triton_faults": lambda: triton_faults(2.0, 5.0 if soak else 3.0),
+        "version_swap": lambda: version_swap(5 if soak else 2),
+    }
+    for name, stage in stages.items():
+        results[name] = await stage()
+        print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)   # partial results as they come
     results["max_rss_mb_of_this_driver"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return results
 

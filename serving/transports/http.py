@@ -13,6 +13,7 @@ HTTP status from serving/errors.py; under ``/v2`` they take the protocol's own s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -377,9 +378,9 @@ class HttpApi:
                                    "state": "READY" if s.ready else "UNAVAILABLE"}
                                   for s in statuses if not only_ready or s.ready])
 
-    async def v2_repository_model(self, request: web.Request) -> web.Response:
+    async def v2_repository_model(self, action: str, request: web.Request) -> web.Response:
         """POST /v2/repository/models/{model}/load|unload (--model-control-mode explicit)."""
-        model, action = request.match_info["model"], request.match_info["action"]
+        model = request.match_info["model"]
         with observe(self.metrics, f"http.v2.{action}", model):
             body = await read_body(request, self.settings.max_message_bytes)
             if body.strip():
@@ -449,7 +450,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
     r.add_get("/v2/health/live", api.v2_live)
     r.add_get("/v2/health/ready", api.v2_ready)
     r.add_post("/v2/repository/index", api.v2_repository_index)
-    r.add_post("/v2/repository/models/{model}/{action:load|unload}", api.v2_repository_model)
+    for action in ("load", "unload"):
+        r.add_post(f"/v2/repository/models/{{model}}/{action}", functools.partial(api.v2_repository_model, action))
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(base, api.v2_model_metadata)
         r.add_get(base + "/ready", api.v2_model_ready)

@@ -54,6 +54,15 @@ class BackendUnavailable(ServingError):
     http_status = 503
 
 
+class ShuttingDown(BackendUnavailable):
+    """The gateway is draining and takes no new requests: retry elsewhere (UNAVAILABLE / 503 + Retry-After)."""
+
+    def __init__(self, message: str = "the server is shutting down; retry on another replica",
+                 retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(ServingError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504

@@ -29,7 +29,7 @@ class Settings:
     max_image_pixels: int = 50_000_000        # Pillow decompression-bomb guard
     default_top_k: int = 5
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
-    triton_health_interval_s: float = 2.0
+    triton_health_interval_s: float = 0.5      # Triton probes (with the breaker: fault and recovery detection)
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
@@ -44,6 +44,13 @@ class Settings:
     http_header_timeout_s: float = 10.0       # request line + headers must arrive within this
     http_body_timeout_s: float = 60.0         # the whole request body must arrive within this (408 after)
     http_keepalive_timeout_s: float = 75.0    # idle keep-alive connections are closed after this
+    # --- reliability (issue #9): admission, drain, backend faults, model control
+    max_request_pixels: int = 400_000_000     # decoded pixels one request may cost (sum over its images); 0: no limit
+    large_image_pixels: int = 4_000_000       # images this large never run on the decode pool's express worker
+    drain_delay_s: float = 2.0                # SIGTERM: NOT_SERVING this long (still serving) before refusing new requests
+    triton_probe_timeout_s: float = 0.5       # a Triton health probe slower than this counts as a failure (hung server)
+    model_control_mode: str = "none"          # embedded backend: none | poll | explicit (as Triton's --model-control-mode)
+    repository_poll_interval_s: float = 15.0  # model_control_mode poll: how often the repository is rescanned
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +94,12 @@ class Settings:
                 raise ValueError(f"{name} out of range")
         if self.triton_resolve_interval_s < 0:
             raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
+        if self.drain_delay_s < 0 or self.triton_probe_timeout_s <= 0 or self.repository_poll_interval_s <= 0:
+            raise ValueError("drain_delay_s must be >= 0, triton_probe_timeout_s and repository_poll_interval_s > 0")
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control_mode must be none, poll or explicit, not {self.model_control_mode!r}")
+        if self.max_request_pixels < 0 or self.large_image_pixels < 1:
+            raise ValueError("max_request_pixels must be >= 0 (0: no limit) and large_image_pixels >= 1")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:

@@ -65,7 +65,8 @@ BLOCK_TIMEOUT_S = 300.0
 # Flags of other programs that the prose names in `code`: tritonserver's (docs/triton.md) and the
 # experiment scripts' (python -m export.experiments.*, docs/experiments/README.md).
 FOREIGN_FLAGS = frozenset({"--exit-timeout-secs", "--backend-directory", "--backend-config", "--shm-size", "--arch",
-                           "--build-arg", "--model-control-mode", "--load-model"})  # buildah's and Triton's
+                           "--build-arg", "--model-control-mode", "--load-model",   # buildah's and Triton's
+                           "--soak", "--only"})   # benchmarks/reliability/figures.py (docs/reliability.md)
 
 
 def adapter_metric_names() -> frozenset[str]:

@@ -13,6 +13,7 @@ HTTP status from serving/errors.py; under ``/v2`` they take the protocol's own s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from serving.transports import oip
 from serving.tasks import HANDLERS, TaskHandler
 from serving.transports.grpc_v1 import list_models_response, run_v1
 from serving.transports.auth import auth_middleware
+from serving.transports.grpc_v2 import repository_call
 from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
@@ -385,10 +387,24 @@ class HttpApi:
         with observe(self.metrics, "http.v2.index", ""):
             body = await read_body(request, self.settings.max_message_bytes)
             only_ready = bool(parse_json_object(body, "request body").get("ready", False)) if body.strip() else False
+            control = self.dataplane.model_control
+            if control is not None:   # the embedded backend: unloaded repository models are listed too
+                return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                                      for e in await control.index() if not only_ready or e.state == "READY"])
             statuses = sorted(await self.dataplane.list_models(), key=lambda s: s.spec.name)
             return json_response([{"name": s.spec.name, "version": str(s.spec.version),
                                    "state": "READY" if s.ready else "UNAVAILABLE"}
                                   for s in statuses if not only_ready or s.ready])
+
+    async def v2_repository_model(self, action: str, request: web.Request) -> web.Response:
+        """POST /v2/repository/models/{model}/load|unload (--model-control-mode explicit)."""
+        model = request.match_info["model"]
+        with observe(self.metrics, f"http.v2.{action}", model):
+            body = await read_body(request, self.settings.max_message_bytes)
+            if body.strip():
+                parse_json_object(body, "request body")   # Triton's optional {"parameters": ...}
+            await repository_call(self.dataplane, action, model)
+            return json_response({})
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -457,6 +473,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
     r.add_get("/v2/health/live", api.v2_live)
     r.add_get("/v2/health/ready", api.v2_ready)
     r.add_post("/v2/repository/index", api.v2_repository_index)
+    for action in ("load", "unload"):
+        r.add_post(f"/v2/repository/models/{{model}}/{action}", functools.partial(api.v2_repository_model, action))
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(base, api.v2_model_metadata)
         r.add_get(base + "/ready", api.v2_model_ready)

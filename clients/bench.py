@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,8 +236,25 @@ class _Recorder:
             self.errors[code] += 1
 
 
+RequestFn = Callable[[Sequence[bytes]], Awaitable[Any]]
+
+
+def request_for_task(client: AsyncImageClient, config: BenchConfig, task: str) -> RequestFn:
+    """The SDK call that exercises a model of ``task``: Classify, Detect or Segment.
+
+    ``config.ten_crop`` is the model's test-time augmentation switch whatever the task
+    (10 crops for a classifier, a mirrored view for a detector or segmenter).
+    """
+    if task == "detection":
+        return lambda images: client.detect(images, config.model, tta=config.ten_crop, timeout=config.timeout_s)
+    if task == "segmentation":
+        return lambda images: client.segment(images, config.model, tta=config.ten_crop, timeout=config.timeout_s)
+    return lambda images: client.classify(images, config.model, top_k=config.top_k, ten_crop=config.ten_crop,
+                                          timeout=config.timeout_s)
+
+
 async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Sequence[Sequence[bytes]],
-                   concurrency: int, progress: Any = None) -> StepResult:
+                   concurrency: int, progress: Any = None, send: RequestFn | None = None) -> StepResult:
     """One closed-loop step at ``concurrency`` workers (warm-up, then the measured window)."""
     clock = time.perf_counter
     cpu_start = time.process_time()
@@ -245,6 +262,7 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
     window_start = start + config.warmup_s
     window_end = window_start + config.duration_s
     rec = _Recorder(window_start)
+    send = send or request_for_task(client, config, "classification")
 
     async def worker(worker_id: int) -> None:
         k = worker_id
@@ -255,8 +273,7 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
             payload = batches[k % len(batches)]
             k += concurrency
             try:
-                await client.classify(payload, config.model, top_k=config.top_k, ten_crop=config.ten_crop,
-                                      timeout=config.timeout_s)
+                await send(payload)
                 ok, code = True, "OK"
             except ImgserveError as exc:
                 ok, code = False, exc.code
@@ -309,26 +326,30 @@ def tqdm_progress(config: BenchConfig) -> ProgressFactory:
     return make
 
 
-async def preflight(client: AsyncImageClient, config: BenchConfig, batches: Sequence[Sequence[bytes]]) -> None:
+async def preflight(send: RequestFn, batches: Sequence[Sequence[bytes]]) -> None:
     """Fail fast (with the server's own error) before a sweep that could only produce errors."""
-    await client.classify(batches[0], config.model, top_k=config.top_k, ten_crop=config.ten_crop,
-                          timeout=config.timeout_s)
+    await send(batches[0])
 
 
 async def run_sweep(config: BenchConfig, images: Sequence[bytes] | None = None, *,
-                    image_source: str = "", progress: ProgressFactory | None = None) -> BenchReport:
+                    image_source: str = "", progress: ProgressFactory | None = None,
+                    client_options: Mapping[str, Any] | None = None) -> BenchReport:
     """Run every concurrency step of ``config`` and return the report.
 
     ``images`` None means synthetic noise images sized for the model (its resize side).
+    ``client_options`` (token, TLS files) go to the client only, never into the report.
+    Retries are off: the bench measures what the gateway answers, not what a retrying client hides.
     Raises ImgserveError when the preflight request fails.
     """
-    async with AsyncImageClient(config.server, protocol=config.protocol) as client:
+    options = {**(client_options or {}), "protocol": config.protocol, "retries": 0}
+    async with AsyncImageClient(config.server, **options) as client:
         info = await client.model(config.model, timeout=config.timeout_s)
         if images is None:
             images = synthetic_images(max(16, config.batch), info.resize or info.crop or 224, info.channels)
             image_source = image_source or f"synthetic noise, {info.resize}x{info.resize}x{info.channels}"
         batches = make_batches(images, config.batch)
-        await preflight(client, config, batches)
+        send = request_for_task(client, config, info.task)
+        await preflight(send, batches)
         report = BenchReport(
             config=config, environment=environment(), model=info.to_dict(),
             images={"source": image_source, "count": len(images),
@@ -336,7 +357,7 @@ async def run_sweep(config: BenchConfig, images: Sequence[bytes] | None = None, 
         )
         for c in config.concurrency:
             bar = progress(c) if progress is not None else None
-            report.steps.append(await run_step(client, config, batches, c, bar))
+            report.steps.append(await run_step(client, config, batches, c, bar, send))
         return report
 
 
@@ -363,7 +384,7 @@ def format_table(report: BenchReport) -> str:
 def title_for(c: BenchConfig) -> str:
     """One line naming what was measured (plot title, log line)."""
     crop = {None: "model default", True: "on", False: "off"}[c.ten_crop]
-    parts = [c.model, c.protocol, f"batch {c.batch}", f"10-crop {crop}"]
+    parts = [c.model, c.protocol, f"batch {c.batch}", f"TTA {crop}"]
     if c.label:
         parts.insert(0, c.label)
     return " | ".join(parts)

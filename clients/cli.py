@@ -14,6 +14,8 @@ from clients.version import installed_version
 # subcommand -> module with main(argv) -> int, and a one-line summary
 COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("clients.commands.classify", "classify images through a running gateway"),
+    "detect": ("clients.commands.detect", "detect objects through a running gateway (--draw boxes)"),
+    "segment": ("clients.commands.segment", "segment images through a running gateway (--overlay masks)"),
     "models": ("clients.commands.models", "list the models a gateway serves"),
     "bench": ("clients.commands.bench", "closed-loop load generator with a concurrency sweep"),
     "serve": ("serving.cli", "start the gateway (gRPC + HTTP/JSON + /metrics)"),

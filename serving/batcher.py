@@ -1,7 +1,9 @@
 """Dynamic batching of items from concurrent requests into backend calls.
 
-The batcher knows nothing about images: a request submits ``n`` items (one
-numpy array each, e.g. one crop) and gets back ``n`` results in the same order.
+The batcher knows nothing about images or tasks: a request submits ``n`` items
+(one numpy array each, e.g. one crop) and gets back, for every named output of
+the backend, an array whose first axis holds the ``n`` results in the same order.
+Outputs are split and joined along the batch axis, whatever their dtype.
 One batcher serves one model. Items from all requests wait in one FIFO queue;
 a batch is dispatched when ``max_batch_size`` items are waiting or when the
 oldest waiting item has waited ``max_queue_delay_s``, whichever comes first.
@@ -23,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -37,7 +40,14 @@ from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+Outputs = dict[str, np.ndarray]
+InferFn = Callable[[np.ndarray], Awaitable[Outputs]]
+
+# While a backend call runs: the latest deadline (time.monotonic()) of the requests in its batch,
+# so a backend can bound its own remote call (the Triton backend's client_timeout) without the
+# batcher's infer signature knowing about deadlines. None when a request in the batch has none.
+BATCH_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("imgserve_batch_deadline",
+                                                                             default=None)
 
 
 @dataclass(eq=False)
@@ -46,8 +56,8 @@ class _Job:
 
     items: Sequence[np.ndarray]
     deadline: float | None
-    future: asyncio.Future[np.ndarray]
-    results: np.ndarray | None = None
+    future: asyncio.Future[Outputs]
+    results: Outputs | None = None
     remaining: int = 0
     queued: int = 0
 
@@ -158,8 +168,8 @@ class Batcher:
 
     # ------------------------------------------------------------ submitting
 
-    async def submit(self, items: Sequence[np.ndarray] | np.ndarray, *, deadline: float | None = None) -> np.ndarray:
-        """Run ``items`` through the backend; returns their results stacked in input order.
+    async def submit(self, items: Sequence[np.ndarray] | np.ndarray, *, deadline: float | None = None) -> Outputs:
+        """Run ``items`` through the backend; returns each output with the items' rows in input order.
 
         ``deadline`` is absolute ``time.monotonic()`` seconds. Raises Overloaded,
         DeadlineExceeded, BackendUnavailable (stopping), BackendError or the
@@ -337,6 +347,8 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.observe_batch_size(self.model, size)
         start = time.perf_counter()
+        deadlines = [item.job.deadline for item in batch]
+        BATCH_DEADLINE.set(None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None))
         try:
             outputs = await self._infer(inputs)
         except ServingError as exc:
@@ -358,9 +370,9 @@ class Batcher:
         per_item = elapsed / size
         self._seconds_per_item = per_item if self._seconds_per_item is None else (
             0.8 * self._seconds_per_item + 0.2 * per_item)
-        if not isinstance(outputs, np.ndarray) or outputs.ndim < 1 or outputs.shape[0] != size:
-            got = getattr(outputs, "shape", type(outputs).__name__)
-            self._fail_batch(batch, BackendError(f"backend returned {got} for a batch of {size} on model "
+        problem = _output_problem(outputs, size)
+        if problem:
+            self._fail_batch(batch, BackendError(f"backend returned {problem} for a batch of {size} on model "
                                                  f"{self.model!r}"))
             return
         for k, item in enumerate(batch):
@@ -368,12 +380,15 @@ class Batcher:
             if job.done:
                 continue  # failed, expired or cancelled meanwhile: the result is not wanted
             if job.results is None:
-                job.results = np.empty((len(job.items),) + outputs.shape[1:], dtype=outputs.dtype)
-            elif job.results.shape[1:] != outputs.shape[1:]:
-                self._finish(job, BackendError(f"backend output shape changed between batches on model "
+                job.results = {name: np.empty((len(job.items),) + out.shape[1:], dtype=out.dtype)
+                               for name, out in outputs.items()}
+            elif any(name not in outputs or job.results[name].shape[1:] != outputs[name].shape[1:]
+                     for name in job.results) or len(outputs) != len(job.results):
+                self._finish(job, BackendError(f"backend outputs changed between batches on model "
                                                f"{self.model!r}"))
                 continue
-            job.results[item.index] = outputs[k]
+            for name, out in outputs.items():
+                job.results[name][item.index] = out[k]
             job.remaining -= 1
             if job.remaining == 0:
                 self._finish(job)
@@ -381,3 +396,13 @@ class Batcher:
     def _fail_batch(self, batch: list[_Item], error: ServingError) -> None:
         for job in {item.job for item in batch}:
             self._finish(job, error)
+
+
+def _output_problem(outputs: object, size: int) -> str:
+    """Why ``outputs`` is not one array per name with ``size`` rows each ('' when it is)."""
+    if not isinstance(outputs, dict) or not outputs:
+        return f"{type(outputs).__name__} instead of named outputs"
+    for name, out in outputs.items():
+        if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != size:
+            return f"output {name!r} of shape {getattr(out, 'shape', type(out).__name__)}"
+    return ""

@@ -1,40 +1,39 @@
-"""The data plane: validate, decode+crop, batch, infer, average crops, top-k.
+"""The data plane: validate, decode + geometry, batch, infer, postprocess, for every task.
 
 Transports (gRPC, HTTP, Open Inference Protocol) call only this class. It is
-transport-agnostic and raises only serving.errors types. Decoding runs in a
+transport- and task-agnostic (what a model's tensors mean is its task handler's
+business, serving/tasks/) and raises only serving.errors types. Decoding runs in a
 thread pool sized to the cores so the event loop never blocks; crops go
 through one Batcher per model, so concurrent requests share backend calls.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from serving.admission import FairExecutor, request_pixels
 from serving.backends.base import Backend
 from serving.batcher import Batcher
-from serving.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ServingError
+from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
+                            ServingError, ShuttingDown)
 from serving.metrics import Metrics
-from serving.preprocess import DecodeOptions, configure_pillow, crops_per_image, preprocess
-from serving.repository import ModelSpec
+from serving.preprocess import DecodeOptions, configure_pillow
+from serving.repository import ModelSpec, RepositoryError
+from serving.tasks import TaskHandler, check_servable, handler_for
+from serving.tasks.base import TaskDefaults, TaskResult
+from serving.tasks.classification import ClassScore
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    index: int
-    label: str
-    score: float
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,15 @@ class DataPlane:
         self.backend = backend
         self.metrics = metrics
         self._decode_options = DecodeOptions(max_pixels=settings.max_image_pixels)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._task_defaults = TaskDefaults(top_k=settings.default_top_k)
+        self._executor: FairExecutor | None = None
         self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
         self._in_flight = 0                    # requests past validation, not yet answered
+        self.last_refusal = 0.0                # when a request was last refused as shutting down
+        self.model_control: Any = None         # serving.reload.ModelControl when the backend can reload
         self._idle = asyncio.Event()
         self._idle.set()
         # stop() may take this long to drain queued crops before failing them
@@ -86,7 +88,7 @@ class DataPlane:
         if self._started:
             return
         workers = self.settings.preprocess_threads or self.settings.cores
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        self._executor = FairExecutor(workers, large_pixels=self.settings.large_image_pixels)
         await self.backend.start()
         self._stopping = False
         self._started = True
@@ -121,6 +123,25 @@ class DataPlane:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self._started = False
+
+    def refuse_new(self) -> None:
+        """The drain's refusing phase: new requests get ShuttingDown (UNAVAILABLE / 503 + Retry-After),
+        admitted ones go on, and queued crops are sent without waiting for a batch to fill."""
+        self._stopping = True
+        self.flush_queues()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted by run() and not yet answered."""
+        return self._in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left (True), or ``timeout_s`` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def flush_queues(self) -> None:
         """A drain has begun: queued crops go to the backend now instead of waiting for a batch to fill.
@@ -165,7 +186,7 @@ class DataPlane:
         if self._stopping:
             raise BackendUnavailable("the server is shutting down")
         batcher = Batcher(
-            spec.name, functools.partial(self.backend.infer, spec.name),
+            spec.name, functools.partial(self.backend.infer_spec, spec),
             max_batch_size=self.settings.max_batch_size or spec.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,
@@ -182,42 +203,75 @@ class DataPlane:
 
     # ------------------------------------------------------------ inference
 
-    async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
-                            deadline: float | None = None) -> ProbabilitiesResult:
-        """Softmax probabilities [N, K] per image (averaged over the ten crops when ten_crop)."""
+    async def run(self, model: str, images: Sequence[bytes], *, task: str | None = None,
+                  options: Mapping[str, object] | None = None,
+                  deadline: float | None = None) -> tuple[TaskHandler, ModelSpec, TaskResult]:
+        """One request of any task: validate, decode + geometry, batch, infer, postprocess.
+
+        ``task`` is what the caller's API expects (Classify expects "classification");
+        a model of another task is InvalidInput naming the model's task and the method
+        that serves it. ``options`` are the task's request options (absent = default).
+        """
         self._check_running()
+        # counted from here, not from decoding: a drain that has let this request in waits for it
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._run_request(model, images, task, options, deadline)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _run_request(self, model: str, images: Sequence[bytes], task: str | None,
+                           options: Mapping[str, object] | None,
+                           deadline: float | None) -> tuple[TaskHandler, ModelSpec, TaskResult]:
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
         spec = await self._spec(model)
+        handler = self._handler(spec)
+        if task is not None and task != spec.task:
+            expected = handler_for(task)
+            raise InvalidInput(f"model {spec.name!r} is a {spec.task} model: use {handler.v1_method} "
+                               f"(imgserve.v1) or the v2 endpoint, not {expected.v1_method}")
+        parsed = handler.parse_options(spec, dict(options or {}), self._task_defaults)
         self._check_images(images)
-        if ten_crop is None:
-            ten_crop = spec.preprocess.ten_crop_default
-        return await self._run(spec, images, bool(ten_crop), deadline)
+        # headers only, before any decoding: an over-budget request costs no decode time
+        costs = request_pixels(images, self.settings.max_request_pixels)
+        result = await self._run(handler, spec, parsed, images, deadline, costs)
+        return handler, spec, result
+
+    async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
+                            deadline: float | None = None) -> ProbabilitiesResult:
+        """Softmax probabilities [N, K] per image (averaged over the ten crops when ten_crop)."""
+        options = {} if ten_crop is None else {"ten_crop": ten_crop}
+        _, _, result = await self.run(model, images, task="classification", options=options, deadline=deadline)
+        probs = np.stack([image.probabilities for image in result.images])
+        return ProbabilitiesResult(model=result.model, version=result.version, ten_crop=result.tta,
+                                   probabilities=probs)
 
     async def classify(self, model: str, images: Sequence[bytes], *, top_k: int | None = None,
                        ten_crop: bool | None = None, deadline: float | None = None) -> ClassifyResult:
         """The top-k classes with labels per image, best first (ties: lower class index first)."""
-        self._check_running()
-        if deadline is None:
-            deadline = time.monotonic() + self.settings.request_timeout_s
-        spec = await self._spec(model)
-        k = self.settings.default_top_k if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
-        k = min(int(k), spec.num_classes)
-        self._check_images(images)
-        if ten_crop is None:
-            ten_crop = spec.preprocess.ten_crop_default
-        result = await self._run(spec, images, bool(ten_crop), deadline)
-        ranked = []
-        for row in result.probabilities:
-            order = np.argsort(-row, kind="stable")[:k]
-            ranked.append([ClassScore(index=int(i), label=spec.labels[i], score=float(row[i])) for i in order])
-        return ClassifyResult(model=result.model, version=result.version, ten_crop=result.ten_crop, results=ranked)
+        options: dict[str, object] = {}
+        if top_k is not None:
+            options["top_k"] = top_k
+        if ten_crop is not None:
+            options["ten_crop"] = ten_crop
+        _, _, result = await self.run(model, images, task="classification", options=options, deadline=deadline)
+        return ClassifyResult(model=result.model, version=result.version, ten_crop=result.tta,
+                              results=[image.classes for image in result.images])
+
+    def _handler(self, spec: ModelSpec) -> TaskHandler:
+        try:
+            return check_servable(spec)
+        except RepositoryError as exc:  # backends refuse such models at load; this guards the rest
+            raise BackendError(f"model {spec.name!r} cannot be served: {exc}") from None
 
     def _check_running(self) -> None:
         if self._stopping:
-            raise BackendUnavailable("the server is shutting down")
+            self.last_refusal = time.monotonic()
+            raise ShuttingDown()
         if not self._started:
             raise BackendUnavailable("the data plane is not started")
 
@@ -234,37 +288,41 @@ class DataPlane:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidInput(f"image {i}: expected encoded image bytes, got {type(data).__name__}")
 
-    async def _run(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
-                   deadline: float) -> ProbabilitiesResult:
-        self._check_running()
+    async def _run(self, handler: TaskHandler, spec: ModelSpec, options: Any, images: Sequence[bytes],
+                   deadline: float, costs: Sequence[int] | None = None) -> TaskResult:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            crops = await self._preprocess(spec, images, ten_crop, deadline)
-            batcher = await self._batcher(spec)
-            probs = await batcher.submit(crops, deadline=deadline)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-        per_image = crops_per_image(ten_crop)
-        probs = probs.reshape(len(images), per_image, spec.num_classes)
-        averaged = probs.mean(axis=1, dtype=np.float32) if per_image > 1 else probs[:, 0]
-        return ProbabilitiesResult(model=spec.name, version=str(spec.version), ten_crop=ten_crop,
-                                   probabilities=np.ascontiguousarray(averaged, dtype=np.float32))
+        prepared = await self._in_pool(
+            spec, deadline, f"decoding {len(images)} images",
+            [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
+                               decode=self._decode_options) for i, data in enumerate(images)],
+            observe_preprocess=True, costs=costs)
+        batcher = await self._batcher(spec)
+        outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+        if handler.postprocess_in_pool:
+            (images_out,) = await self._in_pool(
+                spec, deadline, "postprocessing",
+                [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
+        else:
+            images_out = handler.postprocess(spec, options, prepared, outputs)
+        return TaskResult(model=spec.name, version=str(spec.version), tta=handler.tta(options), images=images_out)
 
-    async def _preprocess(self, spec: ModelSpec, images: Sequence[bytes], ten_crop: bool,
-                          deadline: float) -> np.ndarray:
-        """Decode and crop every image in the pool; [N * crops, C, C, channels] uint8."""
+    async def _in_pool(self, spec: ModelSpec, deadline: float, what: str, calls: list[Callable[[], Any]],
+                       *, observe_preprocess: bool = False, costs: Sequence[int] | None = None) -> list[Any]:
+        """Run ``calls`` in the preprocessing pool within the deadline; results in order.
+
+        The calls form one lane of the fair executor (serving/admission.py): they take turns
+        with other requests' calls, and ``costs`` (pixels) keep large ones off the express worker.
+        The first failing call (by position) decides the error, so messages are deterministic.
+        """
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("the data plane is not started")
         start = time.perf_counter()
-        futures = [executor.submit(preprocess, bytes(data), spec.preprocess, ten_crop=ten_crop, index=i,
-                                   options=self._decode_options)
-                   for i, data in enumerate(images)]
+        try:
+            futures = executor.submit_many(calls, costs)
+        except RuntimeError:  # shut down between the check above and here
+            raise BackendUnavailable("the data plane is stopping") from None
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:
             done, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))
@@ -277,15 +335,15 @@ class DataPlane:
                 f.cancel()
             for w in pending:
                 w.cancel()
-            raise DeadlineExceeded(f"deadline exceeded while decoding {len(images)} images")
-        self.metrics.observe_preprocess(spec.name, time.perf_counter() - start)
-        # Report the first failing image (by index) so the message is deterministic.
+            raise DeadlineExceeded(f"deadline exceeded while {what}")
+        if observe_preprocess:
+            self.metrics.observe_preprocess(spec.name, time.perf_counter() - start)
         for i, w in enumerate(waiting):
             exc = w.exception()
             if exc is None:
                 continue
             if isinstance(exc, ServingError):
                 raise exc
-            log.error("image %d: unexpected preprocessing failure", i, exc_info=exc)
-            raise ServingError(f"image {i}: internal error while preprocessing: {type(exc).__name__}")
-        return np.concatenate([w.result() for w in waiting])
+            log.error("%s (item %d) of model %s failed unexpectedly", what, i, spec.name, exc_info=exc)
+            raise ServingError(f"image {i}: internal error while {what}: {type(exc).__name__}")
+        return [w.result() for w in waiting]

@@ -19,7 +19,8 @@ from PIL import Image
 
 from serving.app import Gateway
 from serving.backends.base import Backend
-from serving.repository import ModelSpec, Preprocess
+from serving.repository import ModelSpec, Preprocess, TensorSpec
+from serving.tasks.detection import max_detections_of
 from serving.settings import Settings
 
 CROP = 4
@@ -98,14 +99,92 @@ class ScriptedBackend(Backend):
     async def ready(self) -> bool:
         return self.started and not self.closed
 
-    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         self.calls.append((model, batch.copy()))
         self.entered.set()
         if self._gate is not None:
             await self._gate.wait()
         if self.fail_with is not None:
             raise self.fail_with
-        return self.answer(batch)
+        spec = self.specs[model]
+        if spec.task == "detection":
+            return bright_box_detections(batch, max_detections_of(spec))
+        if spec.task == "segmentation":
+            return bright_pixel_segmentation(batch)
+        answer = self.answer(batch)
+        return answer if isinstance(answer, dict) else {spec.output_name: answer}
+
+
+# ---------------------------------------------------------------- fake detector and segmenter
+# Engines whose answers follow from the pixels, so the gateway's geometry (letterbox there and
+# back, mirroring for TTA) is checked exactly without a trained model: the "object" is every
+# pixel brighter than BRIGHT in the letterboxed input.
+
+BRIGHT = 200
+DETECT_SIZE = 32
+DETECT_K = 4
+
+
+def tiny_detector_spec(name: str = "tinydet", **changes: object) -> ModelSpec:
+    """A letterbox detector on 32 x 32 RGB input with K = 4 and labels ("bright", "dim")."""
+    spec = ModelSpec(
+        name=name, version=1, task="detection",
+        preprocess=Preprocess(resize=DETECT_SIZE, crop=DETECT_SIZE, channels=3, geometry="letterbox"),
+        labels=("bright", "dim"), max_batch_size=8,
+        outputs=(TensorSpec("num_detections", "INT32", (1,)), TensorSpec("detection_boxes", "FP32", (DETECT_K, 4)),
+                 TensorSpec("detection_scores", "FP32", (DETECT_K,)),
+                 TensorSpec("detection_classes", "INT32", (DETECT_K,))))
+    return replace(spec, **changes) if changes else spec
+
+
+def tiny_segmenter_spec(name: str = "tinyseg", **changes: object) -> ModelSpec:
+    """A letterbox segmenter on 32 x 32 RGB input: class 1 = bright pixels, 0 = the rest."""
+    spec = ModelSpec(
+        name=name, version=1, task="segmentation",
+        preprocess=Preprocess(resize=DETECT_SIZE, crop=DETECT_SIZE, channels=3, geometry="letterbox"),
+        labels=("background", "bright"), max_batch_size=8,
+        outputs=(TensorSpec("labels", "UINT8", (DETECT_SIZE, DETECT_SIZE)),
+                 TensorSpec("probabilities", "FP32", (2, DETECT_SIZE, DETECT_SIZE))))
+    return replace(spec, **changes) if changes else spec
+
+
+def bright_box_detections(batch: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """One detection per input: the box around its bright pixels (pixel edges), score 0.9, class 0.
+
+    A second, weaker detection (score 0.2, class 1) covers the whole input, so thresholds
+    and max_detections have something to remove.
+    """
+    n = len(batch)
+    out = {"num_detections": np.zeros((n, 1), np.int32), "detection_boxes": np.zeros((n, k, 4), np.float32),
+           "detection_scores": np.zeros((n, k), np.float32), "detection_classes": np.zeros((n, k), np.int32)}
+    for i, image in enumerate(batch):
+        ys, xs = np.nonzero(image.max(axis=-1) > BRIGHT)
+        found = 0
+        if len(xs):
+            out["detection_boxes"][i, 0] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            out["detection_scores"][i, 0] = 0.9
+            found = 1
+        out["detection_boxes"][i, found] = (0, 0, image.shape[1], image.shape[0])
+        out["detection_scores"][i, found] = 0.2
+        out["detection_classes"][i, found] = 1
+        out["num_detections"][i, 0] = found + 1
+    return out
+
+
+def bright_pixel_segmentation(batch: np.ndarray) -> dict[str, np.ndarray]:
+    bright = (batch.max(axis=-1) > BRIGHT)
+    probs = np.stack([np.where(bright, 0.1, 0.9), np.where(bright, 0.9, 0.1)], axis=1).astype(np.float32)
+    return {"labels": bright.astype(np.uint8), "probabilities": probs}
+
+
+def rectangle_png(width: int, height: int, box: tuple[int, int, int, int], fmt: str = "PNG") -> bytes:
+    """A dark width x height RGB image with a white rectangle at box = (x1, y1, x2, y2) (pixel edges)."""
+    pixels = np.full((height, width, 3), 40, np.uint8)
+    x1, y1, x2, y2 = box
+    pixels[y1:y2, x1:x2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -119,7 +198,7 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
 def gateway_settings(**overrides: object) -> Settings:
     """Loopback, OS-picked ports, one preprocess thread, no batching delay unless asked."""
     settings = Settings(host="127.0.0.1", grpc_port=0, http_port=0, preprocess_threads=1,
-                        max_queue_delay_ms=0.0, triton_health_interval_s=0.1)
+                        max_queue_delay_ms=0.0, triton_health_interval_s=0.1, drain_delay_s=0.0)
     for key, value in overrides.items():
         setattr(settings, key, value)
     settings.validate()

@@ -2,7 +2,10 @@
 
 Each item is a small int array ``[request_id, item_index]`` so the fake backend
 can record exactly which items it saw, and its answer (a function of the item)
-lets us check that every result went back to the right place.
+lets us check that every result went back to the right place. The answer has two
+named outputs of different dtypes and ranks (``value`` float64 [N, 2] and
+``request`` int32 [N]), and every submit checks both, so each test also shows that
+all outputs are split and joined along the batch axis together.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher
+from serving.batcher import Batcher as _Batcher
 from serving.errors import BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded
 from serving.metrics import Metrics
 
@@ -25,8 +28,25 @@ def items_for(request_id: int, n: int) -> np.ndarray:
 
 
 def expected(items: np.ndarray) -> np.ndarray:
-    """What FakeBackend answers: [id*1000 + index, -id] per item."""
+    """What FakeBackend answers as ``value``: [id*1000 + index, -id] per item."""
     return np.stack([items[:, 0] * 1000 + items[:, 1], -items[:, 0]], axis=1).astype(np.float64)
+
+
+def outputs_for(items: np.ndarray) -> dict[str, np.ndarray]:
+    """The fake backend's named outputs for a batch."""
+    return {"value": expected(items), "request": items[:, 0].astype(np.int32)}
+
+
+class Batcher(_Batcher):
+    """The real Batcher; submit() checks the ``request`` output matches and returns ``value``."""
+
+    async def submit(self, items, *, deadline=None):  # type: ignore[override]
+        result = await super().submit(items, deadline=deadline)
+        assert set(result) == {"value", "request"}
+        ids = np.asarray(items)[:, 0] if len(items) else np.zeros(0)
+        assert result["request"].dtype == np.int32
+        np.testing.assert_array_equal(result["request"], ids)
+        return result["value"]
 
 
 class FakeBackend:
@@ -55,7 +75,7 @@ class FakeBackend:
             await asyncio.sleep(self.delay_s)
         if self.poison is not None and (batch[:, 0] == self.poison).any():
             raise RuntimeError("poisoned batch")
-        return expected(batch)
+        return outputs_for(batch)
 
     @property
     def sizes(self) -> list[int]:
@@ -275,8 +295,8 @@ async def test_serving_errors_from_backend_pass_through() -> None:
 
 
 async def test_wrong_number_of_results_is_a_backend_error() -> None:
-    async def infer(batch: np.ndarray) -> np.ndarray:
-        return np.zeros((len(batch) + 1, 2))
+    async def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"value": np.zeros((len(batch) + 1, 2)), "request": np.zeros(len(batch), np.int32)}
 
     b = Batcher("m", infer, max_batch_size=4, max_queue_delay_s=0, max_queue_size=10)
     await b.start()
@@ -377,7 +397,7 @@ class PerCallGates:
             await gate.wait()
         finally:
             self.active -= 1
-        return expected(batch)
+        return outputs_for(batch)
 
 
 async def test_two_execution_slots_run_two_batches_at_once() -> None:
@@ -451,4 +471,16 @@ async def test_flush_without_delay_sends_queued_items_and_keeps_accepting() -> N
     late = await within(b.submit(items_for(2, 1)))           # still accepted, and not held for company
     np.testing.assert_array_equal(late, expected(items_for(2, 1)))
     assert fake.sizes == [2, 1]
+    await b.stop()
+
+
+async def test_outputs_missing_rows_in_one_output_fail_the_call() -> None:
+    """Every output must carry the whole batch; one short output is a BackendError, not a mix-up."""
+    async def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"value": expected(batch), "request": batch[:-1, 0].astype(np.int32)}
+
+    b = Batcher("m", infer, max_batch_size=4, max_queue_delay_s=0, max_queue_size=10)
+    await b.start()
+    with pytest.raises(BackendError, match="output 'request' of shape"):
+        await b.submit(items_for(1, 2))
     await b.stop()

@@ -256,7 +256,7 @@ async def test_onnxruntime_backend_checks_its_input(model_repo: Path, tmp_path: 
     await backend.start()
     try:
         assert await backend.ready() and list(await backend.models()) == ["lenet5"]
-        probs = await backend.infer("lenet5", np.zeros((3, 28, 28, 1), np.uint8))
+        probs = (await backend.infer("lenet5", np.zeros((3, 28, 28, 1), np.uint8)))["probabilities"]
         assert probs.shape == (3, 10) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
         with pytest.raises(ModelNotFound):

@@ -69,7 +69,7 @@ def test_reflection_lists_and_describes_both_apis(gateway: GatewayProcess) -> No
         assert {V1, V2, "grpc.health.v1.Health"} <= services
         pool = DescriptorPool(database)
         v1 = pool.FindServiceByName(V1)
-        assert {m.name for m in v1.methods} == {"Classify", "ListModels"}
+        assert {m.name for m in v1.methods} == {"Classify", "Detect", "Segment", "ListModels"}
         assert v1.methods_by_name["Classify"].input_type.fields_by_name["top_k"].has_presence
         v2 = pool.FindServiceByName(V2)
         assert {"ModelInfer", "ModelMetadata", "ServerLive", "ModelConfig"} <= {m.name for m in v2.methods}

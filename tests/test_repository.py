@@ -7,6 +7,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.tasks import check_servable
 from serving.repository import (CONFIG_FILE, LABELS_FILE, MODEL_FILE, ModelSpec, Preprocess, RepositoryError,
                                 config_text, list_versions, next_version, parse_config, read_model,
                                 scan_repository, write_model)
@@ -155,19 +156,23 @@ def _no_versions(cfg: mc.ModelConfig, model_dir: Path) -> None:
     (_set_param("crop", "big"), "not an integer"),
     (_set_param("crop", "64"), "crop <= resize"),
     (_set_param("channels", "2"), "channels"),
-    (_set_param("task", "segmentation"), "unknown task"),
+    (_set_param("task", "segmentation"), "segmenter uses the letterbox geometry"),
+    (_set_param("task", "style"), "unknown task 'style'"),
+    (_set_param("geometry", "stretch"), "geometry must be one of crop, letterbox"),
     (_float_input, "UINT8"),
-    (_two_outputs, "one input and one output"),
+    (_two_outputs, "a classifier has exactly one output"),
     (_renamed, "differs from directory"),
     (_too_few_labels, "2 labels for 3 classes"),
     (_no_versions, "no version directory"),
 ], ids=lambda v: getattr(v, "__name__", None) if callable(v) else None)
 def test_broken_models_raise_repository_error(tmp_path: Path, onnx_file: Path, edit, message: str) -> None:
+    """Refused when read (the format) or when checked against its task's handler (what backends do at load)."""
     model_dir = _write_broken(tmp_path, onnx_file, edit)
     with pytest.raises(RepositoryError, match=message):
-        read_model(model_dir)
+        check_servable(read_model(model_dir).spec)
     with pytest.raises(RepositoryError):
-        scan_repository(tmp_path)
+        for local in scan_repository(tmp_path).values():
+            check_servable(local.spec)
 
 
 def test_missing_config_is_an_error_for_read_model(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ async def test_errors_are_typed(triton: TritonLocal, model_repo: Path) -> None:
             await backend.infer("rgbnet", batch.astype(np.float32))
         with pytest.raises(InvalidInput, match="shape"):
             await backend.infer("rgbnet", np.zeros((2, 28, 28, 1), np.uint8))
-        out = await backend.infer("rgbnet", batch)
+        out = (await backend.infer("rgbnet", batch))["probabilities"]
         assert out.dtype == np.float32 and out.shape == (2, NUM_CLASSES)
     finally:
         await backend.close()
@@ -239,7 +239,7 @@ async def test_raised_message_limits(variants: Path) -> None:
         await roomy.start()
         await tight.start()
         try:
-            out = await roomy.infer("lenet5", batch)
+            out = (await roomy.infer("lenet5", batch))["probabilities"]
             np.testing.assert_allclose(out, ort_probs(variants / "lenet5" / "1" / "model.onnx", batch),
                                        atol=1e-5, rtol=0)
             with pytest.raises(BackendError, match="max_message_mb"):
@@ -261,7 +261,7 @@ async def test_round_robin_chunking_and_failover(variants: Path) -> None:
         await backend.start()
         try:
             before = (request_success(a.metrics_url, "lenet5_mb4"), request_success(b.metrics_url, "lenet5_mb4"))
-            out = await backend.infer("lenet5_mb4", batch)   # 10 chunks of max_batch_size 4
+            out = (await backend.infer("lenet5_mb4", batch))["probabilities"]   # 10 chunks of max_batch_size 4
             np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
             served = (request_success(a.metrics_url, "lenet5_mb4") - before[0],
                       request_success(b.metrics_url, "lenet5_mb4") - before[1])
@@ -270,7 +270,8 @@ async def test_round_robin_chunking_and_failover(variants: Path) -> None:
             b.stop()                                             # one server goes away
             before_a = request_success(a.metrics_url, "lenet5_mb4")
             for _ in range(4):                                   # every call succeeds: retried on a
-                np.testing.assert_allclose(await backend.infer("lenet5_mb4", batch[:4]), want[:4], atol=1e-5)
+                np.testing.assert_allclose((await backend.infer("lenet5_mb4", batch[:4]))["probabilities"], want[:4],
+                                           atol=1e-5)
             assert request_success(a.metrics_url, "lenet5_mb4") - before_a == 4
             health = {s.url: s.healthy for s in backend.servers()}
             assert health == {a.grpc_url: True, b.grpc_url: False}, "the failed call marks b unhealthy"

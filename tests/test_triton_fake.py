@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving.backends.triton import TritonBackend, map_error
-from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
+from serving.backends.triton import ModelReloading, TritonBackend, map_error
+from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput,
                             Overloaded, ServingError)
 from serving.repository import Preprocess
 from serving.settings import Settings
@@ -46,8 +46,9 @@ async def backend_over(fake: FakeTriton, repo: Path) -> AsyncIterator[TritonBack
 
 @pytest.mark.parametrize("code, message, expected, fragment", [
     (grpc.StatusCode.UNAVAILABLE, "server is shutting down", BackendUnavailable, "unavailable"),
-    (grpc.StatusCode.NOT_FOUND, "no such model", ModelNotFound, "not served by Triton"),
-    (grpc.StatusCode.INTERNAL, "Request for unknown model: 'tiny'", ModelNotFound, "not served by Triton"),
+    # a model the backend knows that Triton calls unknown is being reloaded: UNAVAILABLE, retried (#9)
+    (grpc.StatusCode.NOT_FOUND, "no such model", ModelReloading, "reloading"),
+    (grpc.StatusCode.INTERNAL, "Request for unknown model: 'tiny'", ModelReloading, "reloading"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, "timed out", DeadlineExceeded, "did not answer in time"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 4)", BackendError,
      "max_message_mb"),
@@ -73,10 +74,11 @@ async def test_triton_statuses_become_typed_errors(tmp_path: Path, code: grpc.St
         fake.fail_infer = None
         # Only "unavailable" (UNAVAILABLE, CANCELLED) says the server is going away: it is marked unhealthy
         # (and the call retried elsewhere); an error about the request leaves the server in rotation.
+        # (A reloading model is not the server's fault: it stays in rotation for the other models.)
         healthy = expected is not BackendUnavailable
         assert [s.healthy for s in backend.servers()] == [healthy]
         if healthy:
-            assert (await backend.infer("tiny", BATCH)).argmax(axis=1).tolist() == [2, 2]
+            assert ((await backend.infer("tiny", BATCH))["probabilities"]).argmax(axis=1).tolist() == [2, 2]
 
 
 def test_an_error_without_a_status_is_a_backend_error() -> None:
@@ -92,7 +94,7 @@ async def test_unavailable_is_retried_once_on_another_server(tmp_path: Path) -> 
         try:
             down.fail_infer = (grpc.StatusCode.UNAVAILABLE, "going away")
             for _ in range(3):   # whichever server round-robin picks first, every call succeeds
-                assert (await backend.infer("tiny", BATCH)).argmax(axis=1).tolist() == [2, 2]
+                assert ((await backend.infer("tiny", BATCH))["probabilities"]).argmax(axis=1).tolist() == [2, 2]
             assert len(down.infer_calls) == 1                # tried once, then marked unhealthy
             assert {s.url: s.healthy for s in backend.servers()} == {down_url: False, up_url: True}
         finally:
@@ -138,6 +140,6 @@ async def test_a_new_version_on_triton_refreshes_the_spec(tmp_path: Path) -> Non
         assert fake.config_requests == requests_before + 1
         with pytest.raises(InvalidInput, match="shape"):   # old-size crops are refused before the wire
             await backend.infer("tiny", BATCH)
-        out = await backend.infer("tiny", np.full((3, 6, 6, 1), 4, np.uint8))
+        out = (await backend.infer("tiny", np.full((3, 6, 6, 1), 4, np.uint8)))["probabilities"]
         assert out.argmax(axis=1).tolist() == [1, 1, 1]
         assert fake.infer_calls[-1] == ("tiny", (3, 6, 6, 1))

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from clients.commands._common import EXIT_OK, add_connection_args, check_target, compact_json, report_error
+from clients.commands._common import (EXIT_OK, add_connection_args, check_target, client_options, compact_json,
+                                      report_error)
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import ImgserveError
 from clients.types import ModelInfo
 
-_COLUMNS = ("name", "version", "task", "classes", "input", "10-crop", "max batch", "ready", "description")
+_COLUMNS = ("name", "version", "task", "classes", "input", "tta", "max batch", "ready", "description")
 CHANNEL_NAMES = {1: "grey", 3: "RGB"}
 
 
@@ -23,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def input_summary(model: ModelInfo) -> str:
-    """``36->32x32 RGB``: the shorter side is resized to 36, the model sees 32x32 RGB crops of it."""
+    """``36->32x32 RGB``: the shorter side is resized to 36, the model sees 32x32 RGB crops of it;
+    ``letterbox 128x128 RGB``: the whole image is fitted into 128x128 (detectors, segmenters)."""
     channels = CHANNEL_NAMES.get(model.channels, f"{model.channels}ch")
+    if model.geometry == "letterbox":
+        return f"letterbox {model.crop}x{model.crop} {channels}"
     return f"{model.resize}->{model.crop}x{model.crop} {channels}"
 
 
@@ -44,7 +48,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_target(parser, args)
     try:
-        with ImageClient(args.server, protocol=args.protocol, timeout=args.timeout) as client:
+        with ImageClient(args.server, **client_options(args)) as client:
             models = client.models()
     except ImgserveError as exc:
         return report_error("models", exc, args.server)

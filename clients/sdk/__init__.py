@@ -1,4 +1,4 @@
-"""imgserve Python SDK: classify images through a gateway over gRPC or HTTP/JSON.
+"""imgserve Python SDK: classify, detect and segment images through a gateway over gRPC or HTTP/JSON.
 
     from clients.sdk import ImageClient
     with ImageClient("localhost:8500") as client:
@@ -16,16 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import (DeadlineExceeded, ImgserveError, InternalError, InvalidArgument, NotFound,
-                                ResourceExhausted, Unavailable)
+                                ResourceExhausted, Unauthenticated, Unavailable)
+from clients.sdk.retry import RetryPolicy
 from clients.sdk.images import ImageInput
-from clients.types import ClassifyResult, ModelInfo, Prediction
+from clients.types import (ClassifyResult, ClassShare, Detection, DetectResult, ImageDetections, ImageSegmentation,
+                           ModelInfo, Prediction, SegmentResult)
 
 if TYPE_CHECKING:
     from clients.sdk.aio import AsyncImageClient
 
 __all__ = [
-    "AsyncImageClient", "ClassifyResult", "DeadlineExceeded", "ImageClient", "ImageInput", "ImgserveError",
-    "InternalError", "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "Unavailable",
+    "AsyncImageClient", "ClassShare", "ClassifyResult", "DeadlineExceeded", "DetectResult", "Detection",
+    "ImageClient", "ImageDetections", "ImageInput", "ImageSegmentation", "ImgserveError", "InternalError",
+    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "RetryPolicy", "SegmentResult",
+    "Unauthenticated", "Unavailable",
 ]
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.sdk.connection import ConnectionSecurity
 from clients.sdk.errors import InternalError, InvalidArgument
+from clients.sdk.retry import Retrier, RetryPolicy
 
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[str, ...] = ("grpc", "http")
@@ -76,15 +78,57 @@ def grpc_channel_options(max_message_mb: int) -> list[tuple[str, int]]:
 def classify_request(model: str, images: Sequence[bytes], top_k: int | None,
                      ten_crop: bool | None) -> pb.ClassifyRequest:
     """The request message; range checks (top_k <= 0, too many images) are the server's to make."""
-    if not isinstance(model, str) or not model:
-        raise InvalidArgument("model must be a non-empty string")
+    _check_model(model)
     req = pb.ClassifyRequest(model=model, images=images)
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not -(2**31) <= top_k < 2**31:
-            raise InvalidArgument(f"top_k must be a 32-bit integer, got {top_k!r}")
-        req.top_k = top_k
+        req.top_k = _int32("top_k", top_k)
     if ten_crop is not None:
         req.ten_crop = bool(ten_crop)
+    return req
+
+
+# imgserve.v1 inference methods: HTTP path and response type (the gRPC stub method has the same name).
+V1_METHODS: dict[str, tuple[str, type[Message]]] = {
+    "Classify": (CLASSIFY_PATH, pb.ClassifyResponse),
+    "Detect": ("/v1/detect", pb.DetectResponse),
+    "Segment": ("/v1/segment", pb.SegmentResponse),
+}
+
+
+def _int32(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
+        raise InvalidArgument(f"{name} must be a 32-bit integer, got {value!r}")
+    return value
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model must be a non-empty string")
+
+
+def detect_request(model: str, images: Sequence[bytes], score_threshold: float | None,
+                   max_detections: int | None, tta: bool | None) -> pb.DetectRequest:
+    """The Detect request; ranges (threshold in [0, 1], 1 <= max_detections <= K) are the server's to check."""
+    _check_model(model)
+    req = pb.DetectRequest(model=model, images=images)
+    if score_threshold is not None:
+        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)):
+            raise InvalidArgument(f"score_threshold must be a number, got {score_threshold!r}")
+        req.score_threshold = float(score_threshold)
+    if max_detections is not None:
+        req.max_detections = _int32("max_detections", max_detections)
+    if tta is not None:
+        req.tta = bool(tta)
+    return req
+
+
+def segment_request(model: str, images: Sequence[bytes], tta: bool | None, rle: bool | None) -> pb.SegmentRequest:
+    _check_model(model)
+    req = pb.SegmentRequest(model=model, images=images)
+    if tta is not None:
+        req.tta = bool(tta)
+    if rle is not None:
+        req.rle = bool(rle)
     return req
 
 
@@ -102,7 +146,7 @@ def from_json(body: bytes, message_type: type[M]) -> M:
         raise InternalError(f"server sent an unreadable {message_type.DESCRIPTOR.name}: {exc}; body starts {snippet!r}") from exc
 
 
-def check_result_count(response: pb.ClassifyResponse, n_images: int) -> None:
+def check_result_count(response: Any, n_images: int) -> None:
     """Results are matched to inputs by position, so a count mismatch must not pass silently."""
     if len(response.results) != n_images:
         raise InternalError(f"server returned {len(response.results)} results for {n_images} images")
@@ -114,12 +158,30 @@ def metadata_pairs(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class ClientState:
-    """What ImageClient and AsyncImageClient share: the endpoint, the default timeout, closed-ness."""
+    """What ImageClient and AsyncImageClient share: the endpoint, the default timeout, closed-ness,
+    the token/TLS options and the retry policy."""
 
-    def __init__(self, target: str, protocol: str | None, timeout: float | None) -> None:
+    def __init__(self, target: str, protocol: str | None, timeout: float | None,
+                 security: ConnectionSecurity | None = None, retries: RetryPolicy | int | None = None,
+                 credentials: Any = None) -> None:
         self.endpoint = parse_target(target, protocol)
         self.timeout = timeout
+        self.security = security or ConnectionSecurity()
+        self._retrier = Retrier(retries)
         self._closed = False
+        https = self.endpoint.address.lower().startswith("https://")
+        if self.endpoint.protocol == "http" and not https and self.security.wants_tls():
+            raise ValueError(f"TLS options (ca_file, client_cert, tls=True) need an https:// URL, not "
+                             f"{self.endpoint.address}")
+        if credentials is not None and self.security.wants_tls():
+            raise ValueError("give credentials= or ca_file/client_cert/tls, not both")
+
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """User headers plus the token's authorization header (the token wins over a user one)."""
+        merged = {k: v for k, v in (headers or {}).items()
+                  if not (self.security.token and k.lower() == "authorization")}
+        merged.update(self.security.headers())
+        return merged
 
     @property
     def protocol(self) -> str:

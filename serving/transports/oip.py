@@ -1,14 +1,17 @@
 """Open Inference Protocol (KServe v2) semantics shared by the gRPC and HTTP transports.
 
-The gateway exposes every classifier as a v2 model with one input and one output:
+The gateway exposes every model as a v2 model with one input, encoded images:
 
 * input ``image``: BYTES, shape ``[N]`` (or ``[N, 1]``) -- one encoded image (PNG, JPEG, ...) per element;
-* output ``probabilities``: FP32 ``[N, K]`` softmax scores, or, with the classification
-  extension (output parameter ``classification`` = k), BYTES ``[N, k]`` strings
-  ``"score:index:label"`` best first, like Triton.
+* outputs: what the model's task handler (serving/tasks/) defines. A classifier answers
+  ``probabilities`` FP32 ``[N, K]`` (or, with the classification extension, BYTES
+  ``[N, k]`` strings ``"score:index:label"`` like Triton); a detector the four
+  EfficientNMS-style tensors with boxes in original-image pixels; a segmenter ``labels``
+  UINT8 ``[N, H, W]`` at the original image size.
 
-Request parameter ``ten_crop`` (bool) switches 10-crop test-time averaging; ``timeout``
-(int, microseconds, as tritonclient sends it) tightens the server-side deadline.
+Request parameters carry the task's options (``ten_crop``, ``top_k``, ``score_threshold``,
+``max_detections``, ``tta``); ``timeout`` (int, microseconds, as tritonclient sends it)
+tightens the server-side deadline.
 This module holds the wire-independent part: tensor checks, the BYTES element codec,
 running a request on the data plane and the metadata/config documents.
 """
@@ -25,7 +28,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.dataplane import DataPlane, ModelStatus
 from serving.errors import InvalidInput, ModelNotFound
-from serving.repository import LABELS_FILE, ModelSpec, to_model_config
+from serving.repository import DATATYPES, LABELS_FILE, ModelSpec, to_model_config
+from serving.tasks import handler_for
+from serving.tasks.base import OutputTensor, RequestedOutput, reject_unknown_outputs
+from serving.tasks.classification import V2_OUTPUT as OUTPUT_NAME
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -75,41 +81,6 @@ def deserialize_bytes(buffer: bytes | memoryview) -> list[bytes]:
 # ---------------------------------------------------------------- requests
 
 @dataclass(frozen=True)
-class RequestedOutput:
-    """One entry of a request's ``outputs`` list; class_count > 0 asks for classification strings."""
-
-    name: str
-    class_count: int = 0
-    binary: bool | None = None  # HTTP only: binary_data parameter (None: request default)
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """A response tensor before wire encoding: FP32 ndarray, or BYTES as a list of byte strings."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    fp32: np.ndarray | None = None
-    strings: list[bytes] | None = None
-    binary: bool | None = None
-
-    def raw(self) -> bytes:
-        """The tensor in the v2 raw (binary) layout."""
-        if self.datatype == "FP32":
-            assert self.fp32 is not None
-            return np.ascontiguousarray(self.fp32, dtype="<f4").tobytes()
-        return serialize_bytes(self.strings or [])
-
-    def json_data(self) -> list[float] | list[str]:
-        """The tensor flattened row-major for the JSON ``data`` field."""
-        if self.datatype == "FP32":
-            assert self.fp32 is not None
-            return [float(v) for v in self.fp32.reshape(-1)]
-        return [s.decode("utf-8", errors="replace") for s in (self.strings or [])]
-
-
-@dataclass(frozen=True)
 class InferOutcome:
     model: str
     version: str
@@ -141,24 +112,6 @@ def deadline_from(grpc_deadline: float | None, timeout_us: int | None) -> float 
     return min(candidates) if candidates else None
 
 
-def classification_strings(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[bytes]:
-    """Triton-style classification results, row-major [N, k]: "score:index:label", best first.
-
-    Scores are printed as the shortest decimal that round-trips to the float32 value,
-    so a client parsing them gets exactly the probability the FP32 output carries.
-    """
-    k = min(k, probabilities.shape[1])
-    # stable sort on -p keeps the lower index first among equal scores
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    out: list[bytes] = []
-    for row, idx in zip(probabilities, order):
-        for i in idx:
-            label = labels[i] if i < len(labels) else ""
-            text = f"{str(np.float32(row[i]))}:{int(i)}" + (f":{label}" if label else "")
-            out.append(text.encode("utf-8"))
-    return out
-
-
 def check_version(status: ModelStatus, version: str) -> None:
     """A request may name the served version or none; any other version is NOT_FOUND."""
     if version and version != str(status.spec.version):
@@ -167,32 +120,26 @@ def check_version(status: ModelStatus, version: str) -> None:
 
 
 async def infer(dataplane: DataPlane, model: str, version: str, images: Sequence[bytes], *,
-                ten_crop: bool | None, outputs: Sequence[RequestedOutput],
+                params: Mapping[str, object], outputs: Sequence[RequestedOutput],
                 deadline: float | None) -> InferOutcome:
-    """Run one v2 inference: probabilities from the data plane, shaped into the requested outputs."""
+    """Run one v2 inference on the data plane; the model's task handler shapes the output tensors.
+
+    ``params`` are the request's decoded parameters: the task reads its own options from them
+    (``ten_crop`` and ``top_k`` for classifiers, ``score_threshold``, ``max_detections`` and ``tta``
+    for detectors, ``tta`` for segmenters) and ignores the rest, as Triton does.
+    """
     status = await dataplane.get_model(model)
     check_version(status, version)
-    requested = list(outputs) or [RequestedOutput(OUTPUT_NAME)]
-    seen: set[str] = set()
-    for out in requested:
-        if out.name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown output {out.name!r}: the model has one output named {OUTPUT_NAME!r}")
-        if out.name in seen:
-            raise InvalidInput(f"output {out.name!r} is requested twice")
-        if out.class_count < 0:
-            raise InvalidInput("classification class_count must be > 0")
-        seen.add(out.name)
-    result = await dataplane.probabilities(model, images, ten_crop=ten_crop, deadline=deadline)
-    probs = np.asarray(result.probabilities, dtype=np.float32)
-    tensors: list[OutputTensor] = []
-    for out in requested:
-        if out.class_count > 0:
-            k = min(out.class_count, probs.shape[1])
-            strings = classification_strings(probs, status.spec.labels, k)
-            tensors.append(OutputTensor(out.name, "BYTES", (probs.shape[0], k), strings=strings, binary=out.binary))
-        else:
-            tensors.append(OutputTensor(out.name, "FP32", tuple(probs.shape), fp32=probs, binary=out.binary))
-    return InferOutcome(model=result.model, version=str(result.version), outputs=tensors)
+    handler = handler_for(status.spec.task)
+    # Requested output names are checked before any work is done: a typo costs no inference.
+    reject_unknown_outputs(outputs, [entry["name"] for entry in handler.v2_output_metadata(status.spec)], model)
+    for out in outputs:
+        if out.class_count < 0 or (out.class_count and status.spec.task != "classification"):
+            raise InvalidInput(f"output {out.name!r}: the classification extension needs a positive class "
+                               f"count and a classification model ({model!r} is a {status.spec.task} model)")
+    _, spec, result = await dataplane.run(model, images, options=handler.read_params(params), deadline=deadline)
+    return InferOutcome(model=result.model, version=result.version,
+                        outputs=handler.v2_outputs(result, spec, outputs))
 
 
 # ---------------------------------------------------------------- metadata and config
@@ -204,7 +151,8 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
         "versions": [str(spec.version)],
         "platform": PLATFORM,
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
+        "outputs": handler_for(spec.task).v2_output_metadata(spec),
+        "parameters": {"task": spec.task},
     }
 
 
@@ -227,7 +175,11 @@ def gateway_model_config(spec: ModelSpec, max_images_per_request: int) -> mc.Mod
     del cfg.output[:]
     del cfg.model_warmup[:]
     cfg.input.add(name=INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1], reshape=mc.ModelTensorReshape(shape=[]))
-    cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[spec.num_classes], label_filename=LABELS_FILE)
+    for entry in handler_for(spec.task).v2_output_metadata(spec):
+        out = cfg.output.add(name=entry["name"], data_type=DATATYPES[entry["datatype"]][0],
+                             dims=[int(d) for d in entry["shape"][1:]])
+        if spec.task == "classification":
+            out.label_filename = LABELS_FILE
     return cfg
 
 
@@ -244,8 +196,6 @@ def int_parameter(name: str, value: object) -> int:
     return value
 
 
-def request_options(params: Mapping[str, object]) -> tuple[bool | None, int | None]:
-    """(ten_crop, timeout_us) from already-decoded request parameters; others are ignored like Triton does."""
-    ten_crop = bool_parameter("ten_crop", params["ten_crop"]) if "ten_crop" in params else None
-    timeout = int_parameter("timeout", params["timeout"]) if "timeout" in params else None
-    return ten_crop, timeout
+def request_timeout(params: Mapping[str, object]) -> int | None:
+    """The ``timeout`` parameter (microseconds) from already-decoded request parameters, if any."""
+    return int_parameter("timeout", params["timeout"]) if "timeout" in params else None

@@ -29,8 +29,19 @@ _SCALARS: dict[int, Schema] = {
 }
 
 # Messages the gateway prints: every field without explicit presence is always present.
-_RESPONSE_MESSAGES = ("ClassifyResponse", "Classification", "ClassScore", "ListModelsResponse", "ModelInfo")
-_REQUIRED_IN_REQUESTS = {"ClassifyRequest": ["model", "images"]}
+_RESPONSE_MESSAGES = ("ClassifyResponse", "Classification", "ClassScore", "ListModelsResponse", "ModelInfo",
+                      "DetectResponse", "ImageDetections", "Detection", "Box",
+                      "SegmentResponse", "ImageSegmentation", "ClassFraction", "ClassRle")
+_REQUIRED_IN_REQUESTS = {"ClassifyRequest": ["model", "images"], "DetectRequest": ["model", "images"],
+                         "SegmentRequest": ["model", "images"]}
+# imgserve.v1 inference methods: (method, request, response, what the response holds)
+_V1_METHODS = (
+    ("Classify", "ClassifyRequest", "ClassifyResponse", "top-k classes per image, in request order"),
+    ("Detect", "DetectRequest", "DetectResponse",
+     "boxes in original-image pixels per image, best first, in request order"),
+    ("Segment", "SegmentRequest", "SegmentResponse",
+     "a palette-PNG class mask at each original image's size, with class fractions, in request order"),
+)
 
 V1_CODES = ["INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
             "INTERNAL", "UNIMPLEMENTED"]
@@ -145,11 +156,14 @@ def build_openapi(version: str) -> Schema:
     version_param = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
     infer_errors = _errors(400, 404, 413, 429, 500, 503, 504, v2=True)
     paths: dict[str, Schema] = {
-        "/v1/classify": {"post": {
-            "operationId": "classify", "summary": "Classify encoded images (imgserve.v1.ImageService/Classify)",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ClassifyRequest")}}},
-            "responses": {"200": _json("ClassifyResponse", "top-k classes per image, in request order"),
-                          **_errors(400, 404, 413, 415, 429, 500, 503, 504)}}},
+        f"/v1/{method.lower()}": {"post": {
+            "operationId": method[0].lower() + method[1:],
+            "summary": f"{method} encoded images (imgserve.v1.ImageService/{method})",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": {"200": _json(response, what), **_errors(400, 404, 413, 415, 429, 500, 503, 504)}}}
+        for method, request, response, what in _V1_METHODS
+    }
+    paths |= {
         "/v1/models": {"get": {
             "operationId": "listModels", "summary": "Served models and their preprocessing",
             "responses": {"200": _json("ListModelsResponse", "the models"), **_errors(500, 503)}}},
@@ -162,6 +176,13 @@ def build_openapi(version: str) -> Schema:
                                                    "400": {"description": "not ready"}}}},
         "/v2/repository/index": {"post": {"operationId": "v2RepositoryIndex", "summary": "Served models",
                                           "responses": {"200": _json("V2RepositoryIndex", "the models")}}},
+        **{f"/v2/repository/models/{{model}}/{action}": {"post": {
+            "operationId": f"v2Repository{action.capitalize()}", "parameters": [model_param],
+            "summary": f"{action.capitalize()} a model (--model-control-mode explicit; docs/reliability.md)",
+            "responses": {"200": {"description": f"{action}ed"}, "400": {"description": "not allowed in this mode"},
+                          "404": {"description": "no such model in the repository"},
+                          "500": {"description": "the new version failed to load; the old one keeps serving"}}}}
+           for action in ("load", "unload")},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
                              "responses": {"200": {"description": "Prometheus text exposition",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

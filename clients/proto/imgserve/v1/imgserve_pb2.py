@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimgserve/v1/imgserve.proto\x12\x0bimgserve.v1\"r\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08ten_crop\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0b\n\t_ten_crop\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x17.imgserve.v1.ClassScore\"x\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.imgserve.v1.Classification\x12\x10\n\x08ten_crop\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xd3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0e\n\x06resize\x18\x05 \x01(\x05\x12\x0c\n\x04\x63rop\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\x18\n\x10ten_crop_default\x18\x08 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.imgserve.v1.ModelInfo2\xa6\x01\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1c.imgserve.v1.ClassifyRequest\x1a\x1d.imgserve.v1.ClassifyResponse\x12M\n\nListModels\x12\x1e.imgserve.v1.ListModelsRequest\x1a\x1f.imgserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimgserve/v1/imgserve.proto\x12\x0bimgserve.v1\"r\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08ten_crop\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0b\n\t_ten_crop\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x17.imgserve.v1.ClassScore\"x\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.imgserve.v1.Classification\x12\x10\n\x08ten_crop\x18\x04 \x01(\x08\"\xaa\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x10\n\x03tta\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsB\x06\n\x04_tta\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"W\n\tDetection\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.imgserve.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\x12\r\n\x05label\x18\x04 \x01(\t\"\\\n\x0fImageDetections\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12*\n\ndetections\x18\x03 \x03(\x0b\x32\x16.imgserve.v1.Detection\"r\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.imgserve.v1.ImageDetections\x12\x0b\n\x03tta\x18\x04 \x01(\x08\"c\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x10\n\x03tta\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x03rle\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04_ttaB\x06\n\x04_rle\"?\n\rClassFraction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\"F\n\x08\x43lassRle\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x01(\t\"\x95\x01\n\x11ImageSegmentation\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x10\n\x08mask_png\x18\x03 \x01(\x0c\x12+\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x1a.imgserve.v1.ClassFraction\x12\"\n\x03rle\x18\x05 \x03(\x0b\x32\x15.imgserve.v1.ClassRle\"u\n\x0fSegmentResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\x07results\x18\x03 \x03(\x0b\x32\x1e.imgserve.v1.ImageSegmentation\x12\x0b\n\x03tta\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xf5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0e\n\x06resize\x18\x05 \x01(\x05\x12\x0c\n\x04\x63rop\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12\x18\n\x10ten_crop_default\x18\x08 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0e\n\x06labels\x18\x0c \x03(\t\x12\x10\n\x08geometry\x18\r \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.imgserve.v1.ModelInfo2\xaf\x02\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1c.imgserve.v1.ClassifyRequest\x1a\x1d.imgserve.v1.ClassifyResponse\x12\x41\n\x06\x44\x65tect\x12\x1a.imgserve.v1.DetectRequest\x1a\x1b.imgserve.v1.DetectResponse\x12\x44\n\x07Segment\x12\x1b.imgserve.v1.SegmentRequest\x1a\x1c.imgserve.v1.SegmentResponse\x12M\n\nListModels\x12\x1e.imgserve.v1.ListModelsRequest\x1a\x1f.imgserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=276
   _globals['_CLASSIFYRESPONSE']._serialized_start=278
   _globals['_CLASSIFYRESPONSE']._serialized_end=398
-  _globals['_LISTMODELSREQUEST']._serialized_start=400
-  _globals['_LISTMODELSREQUEST']._serialized_end=419
-  _globals['_MODELINFO']._serialized_start=422
-  _globals['_MODELINFO']._serialized_end=633
-  _globals['_LISTMODELSRESPONSE']._serialized_start=635
-  _globals['_LISTMODELSRESPONSE']._serialized_end=695
-  _globals['_IMAGESERVICE']._serialized_start=698
-  _globals['_IMAGESERVICE']._serialized_end=864
+  _globals['_DETECTREQUEST']._serialized_start=401
+  _globals['_DETECTREQUEST']._serialized_end=571
+  _globals['_BOX']._serialized_start=573
+  _globals['_BOX']._serialized_end=626
+  _globals['_DETECTION']._serialized_start=628
+  _globals['_DETECTION']._serialized_end=715
+  _globals['_IMAGEDETECTIONS']._serialized_start=717
+  _globals['_IMAGEDETECTIONS']._serialized_end=809
+  _globals['_DETECTRESPONSE']._serialized_start=811
+  _globals['_DETECTRESPONSE']._serialized_end=925
+  _globals['_SEGMENTREQUEST']._serialized_start=927
+  _globals['_SEGMENTREQUEST']._serialized_end=1026
+  _globals['_CLASSFRACTION']._serialized_start=1028
+  _globals['_CLASSFRACTION']._serialized_end=1091
+  _globals['_CLASSRLE']._serialized_start=1093
+  _globals['_CLASSRLE']._serialized_end=1163
+  _globals['_IMAGESEGMENTATION']._serialized_start=1166
+  _globals['_IMAGESEGMENTATION']._serialized_end=1315
+  _globals['_SEGMENTRESPONSE']._serialized_start=1317
+  _globals['_SEGMENTRESPONSE']._serialized_end=1434
+  _globals['_LISTMODELSREQUEST']._serialized_start=1436
+  _globals['_LISTMODELSREQUEST']._serialized_end=1455
+  _globals['_MODELINFO']._serialized_start=1458
+  _globals['_MODELINFO']._serialized_end=1703
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1705
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1765
+  _globals['_IMAGESERVICE']._serialized_start=1768
+  _globals['_IMAGESERVICE']._serialized_end=2071
 # @@protoc_insertion_point(module_scope)

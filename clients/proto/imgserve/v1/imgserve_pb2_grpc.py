@@ -39,6 +39,16 @@ class ImageServiceStub:
                 request_serializer=imgserve_dot_v1_dot_imgserve__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=imgserve_dot_v1_dot_imgserve__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Detect = channel.unary_unary(
+                '/imgserve.v1.ImageService/Detect',
+                request_serializer=imgserve_dot_v1_dot_imgserve__pb2.DetectRequest.SerializeToString,
+                response_deserializer=imgserve_dot_v1_dot_imgserve__pb2.DetectResponse.FromString,
+                _registered_method=True)
+        self.Segment = channel.unary_unary(
+                '/imgserve.v1.ImageService/Segment',
+                request_serializer=imgserve_dot_v1_dot_imgserve__pb2.SegmentRequest.SerializeToString,
+                response_deserializer=imgserve_dot_v1_dot_imgserve__pb2.SegmentResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imgserve.v1.ImageService/ListModels',
                 request_serializer=imgserve_dot_v1_dot_imgserve__pb2.ListModelsRequest.SerializeToString,
@@ -51,6 +61,20 @@ class ImageServiceServicer:
 
     def Classify(self, request, context):
         """Classify one or more encoded images (JPEG, PNG, anything Pillow reads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detect(self, request, context):
+        """Detect objects: boxes in original-image pixels, best first (detection models only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Segment(self, request, context):
+        """Segment images: a class-index mask at each original image's size (segmentation models only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +94,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=imgserve_dot_v1_dot_imgserve__pb2.ClassifyRequest.FromString,
                     response_serializer=imgserve_dot_v1_dot_imgserve__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Detect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detect,
+                    request_deserializer=imgserve_dot_v1_dot_imgserve__pb2.DetectRequest.FromString,
+                    response_serializer=imgserve_dot_v1_dot_imgserve__pb2.DetectResponse.SerializeToString,
+            ),
+            'Segment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Segment,
+                    request_deserializer=imgserve_dot_v1_dot_imgserve__pb2.SegmentRequest.FromString,
+                    response_serializer=imgserve_dot_v1_dot_imgserve__pb2.SegmentResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -104,6 +138,60 @@ class ImageService:
             '/imgserve.v1.ImageService/Classify',
             imgserve_dot_v1_dot_imgserve__pb2.ClassifyRequest.SerializeToString,
             imgserve_dot_v1_dot_imgserve__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgserve.v1.ImageService/Detect',
+            imgserve_dot_v1_dot_imgserve__pb2.DetectRequest.SerializeToString,
+            imgserve_dot_v1_dot_imgserve__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Segment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgserve.v1.ImageService/Segment',
+            imgserve_dot_v1_dot_imgserve__pb2.SegmentRequest.SerializeToString,
+            imgserve_dot_v1_dot_imgserve__pb2.SegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,8 +16,9 @@ Targets, per image at the output resolution (S / stride):
   normalised to log(box area) in total, and the loss is GIoU (weight 5). Smaller objects are drawn
   last, so where objects overlap the cells belong to the smaller one.
 
-Decoding: sigmoid heatmap, keep cells equal to their 3x3 max (the peaks; this replaces NMS),
-TopK over classes and cells, the distances at each peak give its box.
+Decoding: sigmoid heatmap, keep cells equal to their 3x3 max (the peaks; this replaces NMS) and only
+the best class of each cell (otherwise one object can come out twice, as two classes with the same
+box), TopK over classes and cells, the distances at each peak give its box.
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def decode(heat_logits: torch.Tensor, ltrb: torch.Tensor, *, k: int, stride: int
     """
     heat = torch.sigmoid(heat_logits.float())
     peaks = F.max_pool2d(heat, 3, stride=1, padding=1)
-    heat = torch.where(peaks == heat, heat, torch.zeros_like(heat))
+    best_class = heat.amax(dim=1, keepdim=True)  # one class per cell: no box reported twice as two classes
+    heat = torch.where((peaks == heat) & (heat == best_class), heat, torch.zeros_like(heat))
     cells = heat.shape[2] * heat.shape[3]
     scores, index = torch.topk(heat.flatten(1), k, dim=1)
     classes = torch.div(index, cells, rounding_mode="floor")

@@ -2,6 +2,7 @@
 
     python scripts/scenes_sweep.py --recipes default --seeds 0 1 2 3 4      # what build-repo trains (calibrates tests)
     python scripts/scenes_sweep.py --recipes full --seeds 0 1 2              # the 3-minute recipes (configs/*_full.yaml)
+    python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
 
 For each seed: generate a scenes dataset with that seed (build-repo's sizes, plus 200 held-out test
 scenes), train each recipe with ``--seed`` set to it, export into a scratch repository (parity and batch
@@ -67,18 +68,18 @@ def summarise(values: list[float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", choices=("default", "full"), default="full")
+    parser.add_argument("--recipes", choices=("default", "full"), nargs="+", default=["full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_sweep")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="copy the first seed's repository and runs here (DIR/model_repository, DIR/runs: the "
+                        help="copy the first seed's repository and runs of the first recipe here (DIR/model_repository, DIR/runs: the "
                              "layout IMGSERVE_TEST_DEFAULT_REPOSITORY=DIR/model_repository expects)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / f"results_{args.recipes}.json"
-    results: list[dict] = json.loads(results_path.read_text()) if results_path.is_file() else []
+    paths = {which: args.out / f"results_{which}.json" for which in args.recipes}
+    results = {which: json.loads(p.read_text()) if p.is_file() else [] for which, p in paths.items()}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="scenes-sweep-") as tmp:
             work = Path(tmp)
@@ -86,27 +87,29 @@ def main() -> int:
             make_scenes(work / "data", train=SCENES_DATA["train"], val=SCENES_DATA["val"], test=TEST_SCENES,
                         size=SCENES_DATA["size"], seed=seed, workers=2, progress=False)
             print(f"seed {seed}: data in {time.perf_counter() - start:.0f}s", flush=True)
-            for name in args.models:
-                row = run_one(name, args.recipes, seed, work / "data", work, args.threads)
-                results = [r for r in results if (r["model"], r["seed"]) != (name, seed)] + [row]
-                results_path.write_text(json.dumps(results, indent=2) + "\n")
-                shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}
-                print(f"seed {seed} {name}: test {shown}, train {row['train_seconds']:.0f}s", flush=True)
-            if args.keep is not None and seed == args.seeds[0]:
-                import shutil
+            for which in args.recipes:
+                for name in args.models:
+                    row = run_one(name, which, seed, work / "data", work / which, args.threads)
+                    results[which] = [r for r in results[which] if (r["model"], r["seed"]) != (name, seed)] + [row]
+                    paths[which].write_text(json.dumps(results[which], indent=2) + "\n")
+                    shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}
+                    print(f"seed {seed} {which} {name}: test {shown}, train {row['train_seconds']:.0f}s", flush=True)
+                if args.keep is not None and seed == args.seeds[0] and which == args.recipes[0]:
+                    import shutil
 
-                shutil.copytree(work / "repo", args.keep / "model_repository", dirs_exist_ok=True)
-                shutil.copytree(work / "runs", args.keep / "runs", dirs_exist_ok=True)
-    print(f"\n{args.recipes} recipes, held-out test split ({TEST_SCENES} scenes per seed)\n")
-    print("| model | metric | mean ± std (min, max) | seeds |\n| --- | --- | --- | --- |")
-    for name in args.models:
-        rows = [r for r in results if r["model"] == name and r["seed"] in args.seeds]
-        if not rows:
-            continue
-        metrics = ("map", "map50", "map75") if "map" in rows[0]["test"] else ("miou", "miou_foreground")
-        for metric in (*metrics, "train_seconds"):
-            values = [r["test"][metric] if metric in r["test"] else r[metric] for r in rows]
-            print(f"| {name} | {metric} | {summarise(values)} | {len(rows)} |")
+                    shutil.copytree(work / which / "repo", args.keep / "model_repository", dirs_exist_ok=True)
+                    shutil.copytree(work / which / "runs", args.keep / "runs", dirs_exist_ok=True)
+    for which in args.recipes:
+        print(f"\n{which} recipes, held-out test split ({TEST_SCENES} scenes per seed)\n")
+        print("| model | metric | mean ± std (min, max) | seeds |\n| --- | --- | --- | --- |")
+        for name in args.models:
+            rows = [r for r in results[which] if r["model"] == name and r["seed"] in args.seeds]
+            if not rows:
+                continue
+            metrics = ("map", "map50", "map75") if "map" in rows[0]["test"] else ("miou", "miou_foreground")
+            for metric in (*metrics, "train_seconds"):
+                values = [r["test"][metric] if metric in r["test"] else r[metric] for r in rows]
+                print(f"| {name} | {metric} | {summarise(values)} | {len(rows)} |")
     return 0
 
 

@@ -5,7 +5,7 @@
     python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
 
 For each seed: generate a scenes dataset with that seed (build-repo's sizes, plus 200 held-out test
-scenes), train each recipe with ``--seed`` set to it, export into a scratch repository (parity and batch
+scenes; kept in OUT/data for the next recipe), train each recipe with ``--seed`` set to it, export into a scratch repository (parity and batch
 invariance checked), and score the export on the test split with ``imgserve eval``'s code (onnxruntime,
 the gateway's letterbox, pycocotools / mIoU). Prints a markdown table (mean, sample std, min, max) and
 writes every number to OUT/results.json. One training at a time, on the threads you give it.
@@ -80,16 +80,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     paths = {which: args.out / f"results_{which}.json" for which in args.recipes}
     results = {which: json.loads(p.read_text()) if p.is_file() else [] for which, p in paths.items()}
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory(prefix="scenes-sweep-") as tmp:
-            work = Path(tmp)
-            start = time.perf_counter()
-            make_scenes(work / "data", train=SCENES_DATA["train"], val=SCENES_DATA["val"], test=TEST_SCENES,
-                        size=SCENES_DATA["size"], seed=seed, workers=2, progress=False)
-            print(f"seed {seed}: data in {time.perf_counter() - start:.0f}s", flush=True)
-            for which in args.recipes:
+    data_root = args.out / "data"
+    for which in args.recipes:  # every seed of one recipe before the next: the cheaper recipe finishes first
+        for seed in args.seeds:
+            data = data_root / f"seed{seed}"
+            if not (data / "dataset.json").is_file():
+                start = time.perf_counter()
+                make_scenes(data, train=SCENES_DATA["train"], val=SCENES_DATA["val"], test=TEST_SCENES,
+                            size=SCENES_DATA["size"], seed=seed, workers=2, progress=False, overwrite=True)
+                print(f"seed {seed}: data in {time.perf_counter() - start:.0f}s", flush=True)
+            with tempfile.TemporaryDirectory(prefix="scenes-sweep-") as tmp:
+                work = Path(tmp)
                 for name in args.models:
-                    row = run_one(name, which, seed, work / "data", work / which, args.threads)
+                    row = run_one(name, which, seed, data, work, args.threads)
                     results[which] = [r for r in results[which] if (r["model"], r["seed"]) != (name, seed)] + [row]
                     paths[which].write_text(json.dumps(results[which], indent=2) + "\n")
                     shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}
@@ -97,8 +100,8 @@ def main() -> int:
                 if args.keep is not None and seed == args.seeds[0] and which == args.recipes[0]:
                     import shutil
 
-                    shutil.copytree(work / which / "repo", args.keep / "model_repository", dirs_exist_ok=True)
-                    shutil.copytree(work / which / "runs", args.keep / "runs", dirs_exist_ok=True)
+                    shutil.copytree(work / "repo", args.keep / "model_repository", dirs_exist_ok=True)
+                    shutil.copytree(work / "runs", args.keep / "runs", dirs_exist_ok=True)
     for which in args.recipes:
         print(f"\n{which} recipes, held-out test split ({TEST_SCENES} scenes per seed)\n")
         print("| model | metric | mean ± std (min, max) | seeds |\n| --- | --- | --- | --- |")

@@ -55,3 +55,13 @@ def test_giou_and_distances() -> None:
     ltrb = torch.zeros(1, 4, 2, 2)
     ltrb[0, :, 1, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert boxes_from_distances(ltrb, 4)[0, 1, 0].tolist() == [1.0, 4.0, 5.0, 10.0]  # cell (x 0, y 1): centre (2, 6)
+
+
+def test_a_cell_reports_only_its_best_class() -> None:
+    """Two classes peaking at one cell are one object, reported once (with the higher score)."""
+    logits = torch.full((1, CLASSES, 8, 8), -6.0)
+    logits[0, 0, 3, 3], logits[0, 2, 3, 3] = 2.0, 1.0
+    ltrb = torch.full((1, 4, 8, 8), 5.0)
+    num, boxes, scores, classes = decode(logits, ltrb, k=5, stride=STRIDE, input_size=32)
+    assert int(num[0, 0]) == 1 and int(classes[0, 0]) == 0
+    assert float(scores[0, 0]) == float(torch.sigmoid(torch.tensor(2.0)))

@@ -109,12 +109,16 @@ def _compare_masks(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[in
     return int(np.count_nonzero(a[0] != b[0])), float(np.max(np.abs(a[1] - b[1])))
 
 
-def _alone_vs_batched(session: "onnxruntime.InferenceSession", names: Sequence[str], images: np.ndarray  # noqa: F821
-                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The outputs of ``images`` run as one batch, and as batches of one concatenated."""
+def _three_runs(graph: ServingGraph, onnx_path: Path, images: np.ndarray, names: Sequence[str]
+               ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(the first 8 images, PyTorch's outputs, onnxruntime's on them as one batch, and as batches of one)."""
+    images = np.ascontiguousarray(images[:INVARIANCE_BATCH])
+    with torch.no_grad():
+        expected = [t.numpy() for t in graph(torch.from_numpy(images))]
+    session = onnx_session(onnx_path)
     batched = session.run(list(names), {INPUT_NAME: images})
     alone = [session.run(list(names), {INPUT_NAME: images[i:i + 1]}) for i in range(len(images))]
-    return batched, [np.concatenate([r[k] for r in alone]) for k in range(len(names))]
+    return images, expected, batched, [np.concatenate([r[k] for r in alone]) for k in range(len(names))]
 
 
 @dataclass(frozen=True)
@@ -141,11 +145,7 @@ def sample_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 def check_detector(graph: DetectionGraph, onnx_path: Path, images: np.ndarray) -> DenseParity:
     """PyTorch vs onnxruntime, and batch of 8 vs batch 1, on ``images`` (uint8 [n >= 8, S, S, 3])."""
-    images = np.ascontiguousarray(images[:INVARIANCE_BATCH])
-    with torch.no_grad():
-        expected = [t.numpy() for t in graph(torch.from_numpy(images))]
-    session = onnx_session(onnx_path)
-    batched, alone = _alone_vs_batched(session, DETECTION_OUTPUTS, images)
+    images, expected, batched, alone = _three_runs(graph, onnx_path, images, DETECTION_OUTPUTS)
     box_diff, score_diff = _compare_detections(expected, batched)
     if box_diff > BOX_ATOL or score_diff > SCORE_ATOL:
         raise ExportError(f"detector parity failed: boxes differ by {box_diff:.3g} px (limit {BOX_ATOL}), "
@@ -159,11 +159,7 @@ def check_detector(graph: DetectionGraph, onnx_path: Path, images: np.ndarray) -
 
 def check_segmenter(graph: SegmentationGraph, onnx_path: Path, images: np.ndarray) -> DenseParity:
     """PyTorch vs onnxruntime (identical masks), and batch of 8 vs batch 1 (identical masks)."""
-    images = np.ascontiguousarray(images[:INVARIANCE_BATCH])
-    with torch.no_grad():
-        expected = [t.numpy() for t in graph(torch.from_numpy(images))]
-    session = onnx_session(onnx_path)
-    batched, alone = _alone_vs_batched(session, SEGMENTATION_OUTPUTS, images)
+    images, expected, batched, alone = _three_runs(graph, onnx_path, images, SEGMENTATION_OUTPUTS)
     differ, prob_diff = _compare_masks(expected, batched)
     batch_differ, batch_prob = _compare_masks(batched, alone)
     if differ or prob_diff > PROB_ATOL:

@@ -7,10 +7,13 @@ The data is the scenes layout (``imgserve make-dataset scenes``), the formats a 
 ``DATA/annotations/instances_SPLIT.json`` (COCO) for detectors, ``DATA/SPLIT/SegmentationClass``
 (VOC palette masks) with ``DATA/labels.txt`` for segmenters, images in ``DATA/SPLIT/images``.
 
+    imgserve eval --url localhost:8500 --model centernet_scenes --data data/scenes --tta
+
 The command sends encoded image files to a predictor and scores what comes back in ORIGINAL image
-pixels (export/evaluation/predictors.py). The predictor here runs the repository's model.onnx with
-onnxruntime and the gateway's letterbox; a predictor through a running gateway plugs in at
-``make_predictor``. No torch is imported.
+pixels. With ``--model-repository`` the predictor runs the repository's model.onnx with onnxruntime
+and the gateway's letterbox (export/evaluation/predictors.py); with ``--url`` the images go through a
+running gateway (export/evaluation/gateway.py), either backend, optionally with its test-time
+augmentation. No torch is imported.
 """
 from __future__ import annotations
 
@@ -39,10 +42,37 @@ def _path(args: argparse.Namespace, key: str) -> Path:
     return Path(args.data) / SPLIT_LAYOUT[key].format(split=args.split)
 
 
+def gateway_predictor(args: argparse.Namespace) -> tuple[str, list[str], DetectionPredictor | SegmentationPredictor, str]:
+    """The predictor through a running gateway (``--url``): the model's task and labels come from ListModels."""
+    from clients.sdk import ImageClient, ImgserveError
+    from export.evaluation.gateway import GatewayDetector, GatewaySegmenter
+
+    client = ImageClient(args.url, timeout=args.timeout)
+    try:
+        info = client.model(args.model)
+    except ImgserveError as exc:
+        client.close()
+        raise EvalError(f"{args.url}: {exc.code}: {exc.message}") from None
+    tta = True if args.tta else None
+    if info.task == "detection":
+        predictor: DetectionPredictor | SegmentationPredictor = GatewayDetector(client, args.model, tta=tta)
+    elif info.task == "segmentation":
+        predictor = GatewaySegmenter(client, args.model, tta=tta)
+    else:
+        client.close()
+        raise EvalError(f"model {args.model!r} is a {info.task} model; eval scores detectors and segmenters")
+    return info.task, list(info.labels), predictor, f"{info.name} v{info.version} (gateway {args.url}" + \
+        (", tta)" if args.tta else ")")
+
+
 def make_predictor(args: argparse.Namespace) -> tuple[str, list[str], DetectionPredictor | SegmentationPredictor, str]:
     """(task, labels, predictor, a description of what runs it) from the options."""
+    if args.url is not None:
+        return gateway_predictor(args)
+    if args.tta:
+        raise EvalError("--tta needs --url: test-time augmentation is the gateway's")
     if args.model_repository is None:
-        raise EvalError("give --model-repository (the model's repository directory)")
+        raise EvalError("give --model-repository (the model's repository directory) or --url (a running gateway)")
     model_dir = Path(args.model_repository) / args.model
     if not model_dir.is_dir():
         raise EvalError(f"no model {args.model!r} in {args.model_repository}")
@@ -91,6 +121,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="imgserve eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("--model", required=True, help="model name")
     parser.add_argument("--model-repository", type=Path, default=None, help="repository holding the model")
+    parser.add_argument("--url", default=None,
+                        help="score through a running gateway instead (host:port for gRPC, http://host:port for HTTP)")
+    parser.add_argument("--tta", action="store_true", help="with --url: ask for flip test-time augmentation")
+    parser.add_argument("--timeout", type=float, default=60.0, help="with --url: seconds per request (default 60)")
     parser.add_argument("--data", type=Path, required=True, help="dataset root in the scenes layout")
     parser.add_argument("--split", default="test", help="split to score (default test, the held-out one)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")

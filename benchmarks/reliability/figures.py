@@ -10,6 +10,9 @@ CI size by default (tests/test_reliability_figures.py runs the same functions sm
   under load: requests past their deadline, time to fail, recovery time.
 * hostile: the hostile battery (benchmarks/reliability/hostile.py): 70+ kinds of bad request against a
   real gateway, expected status per kind, crashes, RSS before and after (``--soak``: every case 20 times).
+* triton_real: ``imgserve serve --backend triton`` in front of a real ``imgserve triton-local`` whose
+  tritonserver is SIGSTOPped then SIGKILLed (and restarted on the same ports) under SDK load
+  (benchmarks/reliability/triton_real.py).
 * version_swap: new versions under load, embedded backend (poll) and Triton backend (fake Triton
   publishing a version with a reload window): failed requests.
 """
@@ -372,6 +375,18 @@ async def hostile(repeats: int) -> dict[str, object]:
     return battery.summary(result)
 
 
+# ---------------------------------------------------------------- Triton faults (real tritonserver)
+
+async def triton_real(soak: bool) -> dict[str, object]:
+    """SIGSTOP and SIGKILL of a real tritonserver (imgserve triton-local) under SDK load, tiny model."""
+    from benchmarks.reliability.triton_real import tiny_repository, triton_faults_real
+    with tempfile.TemporaryDirectory() as tmp:
+        model, image = tiny_repository(Path(tmp))
+        if soak:
+            return await triton_faults_real(Path(tmp), model, image, clients=16, load_s=3.0, stop_s=5.0, down_s=5.0)
+        return await triton_faults_real(Path(tmp), model, image, clients=8, load_s=2.0, stop_s=3.0, down_s=2.0)
+
+
 # ---------------------------------------------------------------- main
 
 async def run_all(soak: bool) -> dict[str, object]:
@@ -384,6 +399,7 @@ async def run_all(soak: bool) -> dict[str, object]:
         "triton_faults": lambda: triton_faults(2.0, 5.0 if soak else 3.0),
         "version_swap": lambda: version_swap(5 if soak else 2),
         "hostile": lambda: hostile(20 if soak else 2),
+        "triton_real": lambda: triton_real(soak),
     }
     for name, stage in stages.items():
         results[name] = await stage()
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak", action="store_true", help="full sizes (minutes)")
     parser.add_argument("--only", choices=["head_of_line", "exactly_once", "sigterm", "triton_faults", "version_swap",
-                                           "hostile"])
+                                           "hostile", "triton_real"])
     args = parser.parse_args(argv)
     if args.only:
         fn = {"head_of_line": lambda: head_of_line(7000 if args.soak else 2500, 64 if args.soak else 12),
@@ -404,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
               "sigterm": lambda: sigterm_under_load(32, 8, 2.0, 1.0),
               "triton_faults": lambda: triton_faults(2.0, 3.0),
               "version_swap": lambda: version_swap(5 if args.soak else 2),
-              "hostile": lambda: hostile(20 if args.soak else 2)}[args.only]
+              "hostile": lambda: hostile(20 if args.soak else 2),
+              "triton_real": lambda: triton_real(args.soak)}[args.only]
         result = asyncio.run(fn())
     else:
         result = asyncio.run(run_all(args.soak))

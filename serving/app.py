@@ -115,6 +115,8 @@ class Gateway:
         self.model_control = control_for(self.backend, self.settings.model_control_mode,
                                          self.settings.repository_poll_interval_s)
         self.dataplane.model_control = self.model_control
+        if self.model_control is not None:
+            self.model_control.on_change = self.dataplane.forget_unloaded
 
     @property
     def service_names(self) -> tuple[str, ...]:

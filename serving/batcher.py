@@ -166,6 +166,11 @@ class Batcher:
         """Items waiting (not yet handed to the backend)."""
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no backend call running: stopping it now fails nobody."""
+        return not self._queue and not self._running
+
     # ------------------------------------------------------------ submitting
 
     async def submit(self, items: Sequence[np.ndarray] | np.ndarray, *, deadline: float | None = None) -> Outputs:

@@ -70,6 +70,7 @@ class DataPlane:
         self._executor: FairExecutor | None = None
         self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
         self._retired: set[asyncio.Task[None]] = set()
+        self._unloaded: set[str] = set()       # models whose batcher forget_unloaded retired
         self._started = False
         self._stopping = False
         self._in_flight = 0                    # requests past validation, not yet answered
@@ -196,10 +197,53 @@ class DataPlane:
         await batcher.start()
         self._batchers[spec.name] = (spec, batcher)
         if current is not None:  # let the old version's queued work finish in the background
-            task = asyncio.create_task(current[1].stop(timeout=self._drain_timeout_s))
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
+            self._retire(current[1])
         return batcher
+
+    def _retire(self, batcher: Batcher, *, unloaded: bool = False) -> None:
+        """Stop ``batcher`` in the background: its queued work still runs, then its worker ends.
+
+        ``unloaded``: the model is gone, so its queue-depth series goes too once the batcher
+        has stopped (stopping records the depth one last time), unless it was loaded again.
+        """
+        task = asyncio.create_task(batcher.stop(timeout=self._drain_timeout_s))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        if unloaded:
+            name = batcher.model
+            task.add_done_callback(lambda _t: None if name in self._batchers else self.metrics.forget_model(name))
+
+    async def forget_unloaded(self) -> list[str]:
+        """Retire the batchers of models the backend no longer serves; returns their names.
+
+        Why: an unloaded model's batcher (its worker task, its queue and its
+        ``imgserve_queue_depth`` series) would otherwise stay for the life of the process,
+        one per model ever unloaded. Model control calls this after every load, unload
+        and poll. Requests already queued on such a batcher still finish (``Batcher.stop``
+        runs what is queued); the gauge series goes because a depth for a model that is
+        not served is misleading. The histograms and counters of the model stay: they are
+        cumulative, and dropping them would only show Prometheus a counter reset.
+        """
+        served = set(await self.backend.models())
+        gone = sorted(name for name in self._batchers if name not in served)
+        self._unloaded = (self._unloaded | set(gone)) - served
+        for name in gone:
+            _, batcher = self._batchers.pop(name)
+            self._retire(batcher, unloaded=True)
+            log.info("model %s unloaded: its batcher is retired", name)
+        return gone
+
+    def _forget_if_unloaded(self, name: str) -> None:
+        """After a request: a batcher that a late request of an unloaded model re-created goes again.
+
+        A request admitted before the unload may reach ``_batcher`` only after
+        ``forget_unloaded`` ran (it was still decoding), which makes a new batcher for it.
+        """
+        if name in self._unloaded and name in self._batchers:
+            _, batcher = self._batchers[name]
+            if batcher.idle:
+                del self._batchers[name]
+                self._retire(batcher, unloaded=True)
 
     # ------------------------------------------------------------ inference
 
@@ -298,7 +342,11 @@ class DataPlane:
                                decode=self._decode_options) for i, data in enumerate(images)],
             observe_preprocess=True, costs=costs)
         batcher = await self._batcher(spec)
-        outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+        try:
+            outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+        finally:
+            if self._unloaded:
+                self._forget_if_unloaded(spec.name)
         if handler.postprocess_in_pool:
             (images_out,) = await self._in_pool(
                 spec, deadline, "postprocessing",

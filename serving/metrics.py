@@ -138,6 +138,17 @@ class Metrics:
     def set_queue_depth(self, model: str, depth: int) -> None:
         self.queue_depth.labels(model=model).set(depth)
 
+    def forget_model(self, model: str) -> None:
+        """Drop the per-model gauge series of a model that is no longer served (its queue depth).
+
+        Only the gauge: a depth for an unloaded model would read as a live queue. Counters and
+        histograms are cumulative and stay, so rates over them see no reset.
+        """
+        try:
+            self.queue_depth.remove(model)
+        except KeyError:
+            pass   # never recorded
+
     def set_backend_up(self, backend: str, up: bool) -> None:
         self.backend_up.labels(backend=backend).set(1 if up else 0)
 

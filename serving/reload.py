@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,6 +82,13 @@ class ModelControl:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.polls = 0
+        # called after every load, unload and poll: the data plane retires the batchers of
+        # models that are no longer served (DataPlane.forget_unloaded)
+        self.on_change: Callable[[], Awaitable[object]] | None = None
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
 
     async def start(self) -> None:
         if self.mode in ("poll", "explicit") and self._task is None:
@@ -114,8 +122,11 @@ class ModelControl:
                 log.exception("model repository poll failed")
 
     async def poll_once(self) -> list[Any]:
-        outcomes = await self.backend.poll(only_loaded=self.mode == "explicit",
-                                           unload_missing=self.mode == "poll")
+        try:
+            outcomes = await self.backend.poll(only_loaded=self.mode == "explicit",
+                                               unload_missing=self.mode == "poll")
+        finally:
+            await self._changed()
         self.polls += 1
         return outcomes
 
@@ -132,7 +143,10 @@ class ModelControl:
         if name not in present:
             raise ModelNotFound(f"model {name!r} is not in the model repository; found: "
                                 f"{', '.join(sorted(present)) or 'none'}")
-        outcome = await self.backend.load_model(name)
+        try:
+            outcome = await self.backend.load_model(name)
+        finally:
+            await self._changed()
         if getattr(outcome, "action", "") == "refused":
             kept = getattr(outcome, "version", None)
             raise LoadFailed(f"failed to load model {name!r}: {outcome.message}"
@@ -145,7 +159,10 @@ class ModelControl:
             if name not in present:
                 raise ModelNotFound(f"model {name!r} is neither loaded nor in the model repository")
             return   # already unloaded: like Triton, not an error
-        await self.backend.unload_model(name)
+        try:
+            await self.backend.unload_model(name)
+        finally:
+            await self._changed()
 
     async def index(self) -> list[IndexEntry]:
         """Loaded models READY, repository models not loaded UNAVAILABLE (with the reason)."""

@@ -141,3 +141,50 @@ async def test_load_and_unload_are_refused_clearly_outside_explicit_mode(tmp_pat
             await v2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
                 v2.RepositoryModelUnloadRequest(model_name="tiny"), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _queue_depth_series(gw: object) -> set[str]:
+    """Models with an ``imgserve_queue_depth`` series in the gateway's registry."""
+    registry = gw.metrics.registry  # type: ignore[attr-defined]
+    return {s.labels["model"] for metric in registry.collect() if metric.name == "imgserve_queue_depth"
+            for s in metric.samples}
+
+
+async def test_an_unloaded_model_loses_its_batcher_and_queue_depth_series(tmp_path: Path) -> None:
+    """Why: before, an unloaded model's batcher (worker task, queue, gauge series) stayed for good."""
+    import shutil
+
+    add_version(tmp_path, tiny_spec())
+    add_version(tmp_path, tiny_spec("other"))
+    async with running_gateway(backend_for(tmp_path), model_control_mode="explicit") as gw, \
+            aiohttp.ClientSession() as session, grpc.aio.insecure_channel(grpc_target(gw)) as channel:
+        stub = pb_grpc.ImageServiceStub(channel)
+        for model in ("tiny", "other"):
+            await stub.Classify(pb.ClassifyRequest(model=model, images=[grey_png(9)], top_k=1), timeout=10)
+        old = gw.dataplane._batchers["other"][1]
+        assert set(gw.dataplane._batchers) == {"tiny", "other"}
+        assert {"tiny", "other"} <= _queue_depth_series(gw)
+        async with session.post(f"{http_url(gw)}/v2/repository/models/other/unload") as resp:
+            assert resp.status == 200
+        assert set(gw.dataplane._batchers) == {"tiny"}
+        await until(lambda: old._worker is None and not gw.dataplane._retired, 10)   # stopped, not just dropped
+        assert "other" not in _queue_depth_series(gw) and "tiny" in _queue_depth_series(gw)
+        # loaded again: served again, with a batcher of its own
+        async with session.post(f"{http_url(gw)}/v2/repository/models/other/load") as resp:
+            assert resp.status == 200
+        reply = await stub.Classify(pb.ClassifyRequest(model="other", images=[grey_png(9)], top_k=1), timeout=10)
+        assert reply.results[0].classes
+        assert set(gw.dataplane._batchers) == {"tiny", "other"} and gw.dataplane._batchers["other"][1] is not old
+
+    # poll mode: a model removed from the repository goes the same way
+    add_version(tmp_path / "p", tiny_spec())
+    add_version(tmp_path / "p", tiny_spec("other"))
+    async with running_gateway(backend_for(tmp_path / "p"), model_control_mode="poll",
+                               repository_poll_interval_s=0.1) as gw, \
+            grpc.aio.insecure_channel(grpc_target(gw)) as channel:
+        stub = pb_grpc.ImageServiceStub(channel)
+        await stub.Classify(pb.ClassifyRequest(model="other", images=[grey_png(9)], top_k=1), timeout=10)
+        shutil.rmtree(tmp_path / "p" / "other")
+        await until(lambda: "other" not in gw.dataplane._batchers, 10)
+        await until(lambda: "other" not in _queue_depth_series(gw), 10)
+        assert set(gw.dataplane._batchers) == {"tiny"}

@@ -8,6 +8,11 @@ CI size by default (tests/test_reliability_figures.py runs the same functions sm
 * sigterm: SIGTERM to a real ``imgserve serve`` under gRPC + HTTP keep-alive load: outcome counts.
 * triton_faults: the Triton backend over a fake Triton that is SIGKILLed (stopped) or SIGSTOPped (hung)
   under load: requests past their deadline, time to fail, recovery time.
+* hostile: the hostile battery (benchmarks/reliability/hostile.py): 70+ kinds of bad request against a
+  real gateway, expected status per kind, crashes, RSS before and after (``--soak``: every case 20 times).
+* triton_real: ``imgserve serve --backend triton`` in front of a real ``imgserve triton-local`` whose
+  tritonserver is SIGSTOPped then SIGKILLed (and restarted on the same ports) under SDK load
+  (benchmarks/reliability/triton_real.py).
 * version_swap: new versions under load, embedded backend (poll) and Triton backend (fake Triton
   publishing a version with a reload window): failed requests.
 """
@@ -360,6 +365,28 @@ async def version_swap(swaps: int, clients: int = 8) -> dict[str, object]:
     return out
 
 
+# ---------------------------------------------------------------- hostile battery
+
+async def hostile(repeats: int) -> dict[str, object]:
+    """The hostile battery over a tiny classifier and detector; the table goes to stderr, the summary is returned."""
+    from benchmarks.reliability import hostile as battery
+    result = await battery.hostile_battery(repeats=repeats)
+    print(battery.table(result), file=sys.stderr, flush=True)
+    return battery.summary(result)
+
+
+# ---------------------------------------------------------------- Triton faults (real tritonserver)
+
+async def triton_real(soak: bool) -> dict[str, object]:
+    """SIGSTOP and SIGKILL of a real tritonserver (imgserve triton-local) under SDK load, tiny model."""
+    from benchmarks.reliability.triton_real import tiny_repository, triton_faults_real
+    with tempfile.TemporaryDirectory() as tmp:
+        model, image = tiny_repository(Path(tmp))
+        if soak:
+            return await triton_faults_real(Path(tmp), model, image, clients=16, load_s=3.0, stop_s=5.0, down_s=5.0)
+        return await triton_faults_real(Path(tmp), model, image, clients=8, load_s=2.0, stop_s=3.0, down_s=2.0)
+
+
 # ---------------------------------------------------------------- main
 
 async def run_all(soak: bool) -> dict[str, object]:
@@ -371,6 +398,8 @@ async def run_all(soak: bool) -> dict[str, object]:
         "sigint": lambda: sigterm_under_load(32, 8, 2.0, 1.0, sig=signal.SIGINT),
         "triton_faults": lambda: triton_faults(2.0, 5.0 if soak else 3.0),
         "version_swap": lambda: version_swap(5 if soak else 2),
+        "hostile": lambda: hostile(20 if soak else 2),
+        "triton_real": lambda: triton_real(soak),
     }
     for name, stage in stages.items():
         results[name] = await stage()
@@ -382,14 +411,17 @@ async def run_all(soak: bool) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak", action="store_true", help="full sizes (minutes)")
-    parser.add_argument("--only", choices=["head_of_line", "exactly_once", "sigterm", "triton_faults", "version_swap"])
+    parser.add_argument("--only", choices=["head_of_line", "exactly_once", "sigterm", "triton_faults", "version_swap",
+                                           "hostile", "triton_real"])
     args = parser.parse_args(argv)
     if args.only:
         fn = {"head_of_line": lambda: head_of_line(7000 if args.soak else 2500, 64 if args.soak else 12),
               "exactly_once": lambda: exactly_once(10_000 if args.soak else 2_000, 64),
               "sigterm": lambda: sigterm_under_load(32, 8, 2.0, 1.0),
               "triton_faults": lambda: triton_faults(2.0, 3.0),
-              "version_swap": lambda: version_swap(5 if args.soak else 2)}[args.only]
+              "version_swap": lambda: version_swap(5 if args.soak else 2),
+              "hostile": lambda: hostile(20 if args.soak else 2),
+              "triton_real": lambda: triton_real(args.soak)}[args.only]
         result = asyncio.run(fn())
     else:
         result = asyncio.run(run_all(args.soak))

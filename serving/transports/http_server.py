@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("imgserve.http")
 
@@ -54,6 +55,28 @@ class GuardedRequestHandler(web.RequestHandler):
                 self.force_close()
             elif not self._messages:  # nothing pipelined behind it: the next bytes start a new head
                 self._awaiting_head = True
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> Any:
+        """aiohttp's 4xx answer to a request it could not parse, logged as the client's fault.
+
+        Why: aiohttp logs every unparseable request (a header line over 8 KB, a malformed
+        request line after the first request, bad chunking) at ERROR with a traceback, so
+        anyone could fill the gateway's error log (found by the hostile battery). Those are
+        refused with a one-line WARNING instead; a 5xx (our bug) keeps its traceback.
+        """
+        self._client_fault = isinstance(exc, HttpProcessingError) and status < 500
+        try:
+            return super().handle_error(request, status, exc, message)
+        finally:
+            self._client_fault = False
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_client_fault", False):
+            exc = kwargs.get("exc_info")
+            log.warning("refused a malformed HTTP request: %s", getattr(exc, "message", None) or exc)
+            return
+        super().log_exception(*args, **kwargs)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()

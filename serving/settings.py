@@ -17,7 +17,7 @@ class Settings:
     http_port: int = 8080
     backend: str = "onnxruntime"             # "onnxruntime" (embedded) or "triton"
     triton_url: str = ""                      # host:port[,host:port...] of Triton gRPC endpoints
-    max_queue_delay_ms: float = 2.0           # how long the batcher waits to fill a batch
+    max_queue_delay_ms: float = 2.0           # multi-slot models: wait to fill a batch while another call runs
     max_batch_size: int = 0                   # 0: use each model's max_batch_size
     max_queue_size: int = 1024                # crops waiting per model before RESOURCE_EXHAUSTED
     preprocess_threads: int = 0               # 0: one per core

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", type=Path, metavar="OUT", help="write the full report as JSON here")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write throughput/latency plots (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--compare", action="store_true",
+                   help="instead: the interleaved raw-ORT / gateway / Triton / gateway->Triton comparison, which "
+                        "starts its own servers (see 'imgserve bench --compare --help'; needs the serve and "
+                        "triton extras)")
     return p
 
 

@@ -22,6 +22,8 @@ class Settings:
     max_queue_size: int = 1024                # crops waiting per model before RESOURCE_EXHAUSTED
     preprocess_threads: int = 0               # 0: one per core
     backend_threads: int = 0                  # ORT intra-op threads; 0: one per core
+    inline_preprocess_pixels: int = 16384     # images up to this many pixels decode on the event loop (0: never)
+    inline_infer_ms: float = 0.5              # embedded backend: calls measured faster than this run on the event loop (0: never)
     max_message_mb: int = 64                  # gRPC send/receive limit, both directions
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000        # Pillow decompression-bomb guard
@@ -76,6 +78,8 @@ class Settings:
             raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        if self.inline_preprocess_pixels < 0 or self.inline_infer_ms < 0:
+            raise ValueError("inline_preprocess_pixels and inline_infer_ms must be >= 0 (0 disables)")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
             raise ValueError("max_queue_size must be >= 1 and max_queue_delay_ms >= 0")
 

@@ -2,12 +2,16 @@
 
 It is the default because it needs nothing but the repository on disk. Sessions
 run in a dedicated thread pool (ORT releases the GIL), so the event loop never
-blocks on inference; the batcher in front decides how much runs at once.
+blocks on a long inference; the batcher in front decides how much runs at once.
+A model whose calls are measured faster than ``inline_infer_ms`` (LeNet: tens of
+microseconds) runs on the event loop instead: the thread hop would cost more than
+the call itself.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +31,12 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Loaded:
     spec: ModelSpec
     session: ort.InferenceSession
     path: Path
+    seconds_per_call: float | None = None   # EWMA of measured calls: decides inline vs thread
 
 
 class OnnxRuntimeBackend(Backend):
@@ -117,6 +122,7 @@ class OnnxRuntimeBackend(Backend):
             self._run(loaded, np.zeros((1, *spec.input_shape), dtype=np.uint8))
         except BackendError as exc:
             raise BackendUnavailable(f"model {spec.name!r} fails its warm-up run: {exc.message}") from None
+        loaded.seconds_per_call = None  # the warm-up allocates: its time says nothing about later calls
         return loaded
 
     # ------------------------------------------------------------ serving
@@ -142,15 +148,28 @@ class OnnxRuntimeBackend(Backend):
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("onnxruntime backend is closed")
+        batch = np.ascontiguousarray(batch)
+        if self._runs_inline(loaded):
+            return self._run(loaded, batch)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._run, loaded, np.ascontiguousarray(batch))
+        return await loop.run_in_executor(executor, self._run, loaded, batch)
+
+    def _runs_inline(self, loaded: _Loaded) -> bool:
+        limit = self.settings.inline_infer_ms / 1000.0
+        return limit > 0 and loaded.seconds_per_call is not None and loaded.seconds_per_call < limit
 
     @staticmethod
     def _run(loaded: _Loaded, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = loaded.spec
         names = list(spec.output_names)
+        start = time.perf_counter()
         try:
             values = loaded.session.run(names, {spec.input_name: batch})
         except Exception as exc:
             raise BackendError(f"onnxruntime failed on model {spec.name!r}: {exc}") from exc
+        took = time.perf_counter() - start
+        # per call, not per item: a big batch of a tiny model must not move it off the loop,
+        # and one slow call (a cold cache) only nudges the average
+        loaded.seconds_per_call = took if loaded.seconds_per_call is None else (
+            0.9 * loaded.seconds_per_call + 0.1 * took)
         return check_outputs(spec, dict(zip(names, values)), batch.shape[0])

@@ -122,9 +122,9 @@ class Gateway:
         server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
-            # never share a port with another process: a second gateway on the same
-            # port would silently get half the connections
-            ("grpc.so_reuseport", 0),
+            # never share a port with another process (a second gateway on the same port would
+            # silently get half the connections), except with the sibling workers of --workers N
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ])
         grpc_v1.add_to_server(grpc_v1.ImageService(self.dataplane, self.metrics), server)
         grpc_v2.add_to_server(grpc_v2.InferenceService(self.dataplane, self.metrics, self.settings,
@@ -147,7 +147,8 @@ class Gateway:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s)
         await runner.setup()
         self.http_runner = runner
-        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_address=True)
+        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_address=True,
+                           reuse_port=self.settings.reuse_port or None)
         try:
             await site.start()
         except OSError as exc:

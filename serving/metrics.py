@@ -9,6 +9,7 @@ preprocess time through the ``observe_*``/``set_*`` methods below.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
@@ -129,9 +131,14 @@ class Metrics:
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry in Prometheus text format (OpenMetrics if ``accept`` asks for it)."""
         encoder, content_type = choose_encoder(accept or "")
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # `serve --workers N`: every worker's samples, merged from the shared directory
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
         if content_type.startswith("application/openmetrics-text"):
-            return encoder(self.registry), content_type
-        return encoder(_WithoutCreated(self.registry)), content_type
+            return encoder(registry), content_type
+        return encoder(_WithoutCreated(registry)), content_type
 
     # ------------------------------------------------------------ data plane
 

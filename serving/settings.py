@@ -31,6 +31,8 @@ class Settings:
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
     triton_health_interval_s: float = 2.0
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
+    workers: int = 1                          # gateway processes sharing the ports (serving/workers.py)
+    reuse_port: bool = False                  # SO_REUSEPORT on both ports (set for each of N workers)
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
     extra: dict[str, str] = field(default_factory=dict)
@@ -78,6 +80,8 @@ class Settings:
             raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
         if self.inline_preprocess_pixels < 0 or self.inline_infer_ms < 0:
             raise ValueError("inline_preprocess_pixels and inline_infer_ms must be >= 0 (0 disables)")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:

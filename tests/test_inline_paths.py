@@ -21,9 +21,9 @@ from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.dataplane import DataPlane
 from serving.metrics import Metrics
 from serving.preprocess import pixel_count
-from serving.repository import write_model
 from serving.settings import Settings
-from tests.fakes import NUM_CLASSES, ScriptedBackend, grey_png, tiny_spec
+from tests.fakes import ScriptedBackend, grey_png
+from tests.tiny_onnx import tiny_onnx_repository
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,30 +71,6 @@ async def test_inline_and_pool_decoding_answer_the_same() -> None:
             await plane.stop()
         answers.append(result.probabilities)
     np.testing.assert_array_equal(answers[0], answers[1])
-
-
-def tiny_onnx_repository(root: Path) -> Path:
-    """A one-model repository: uint8 [N, 4, 4, 1] -> softmax(flatten @ W) [N, 3], built with onnx.helper."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = np.arange(16 * NUM_CLASSES, dtype=np.float32).reshape(16, NUM_CLASSES) / 100.0
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-         helper.make_node("Reshape", ["f", "shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 1])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", NUM_CLASSES])],
-        initializer=[numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "shape"),
-                     numpy_helper.from_array(weights, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = root / "tiny.onnx"
-    onnx.save(model, str(path))
-    repo = root / "repo"
-    write_model(repo, tiny_spec(), path)
-    return repo
 
 
 async def test_fast_backend_calls_move_onto_the_loop_and_answer_the_same(tmp_path: Path) -> None:

@@ -53,10 +53,10 @@ def _children(pid: int) -> list[str]:
 
 
 async def drive(url: str, repo: Path, model: str, concurrency: int, duration: float, warmup: float,
-                pid: int, profile: Path | None, native: bool) -> dict:
+                pid: int, profile: Path | None, native: bool, connections: int = 1) -> dict:
     spec = read_model(repo / model).spec
     images = synthetic_images(16, spec.preprocess.resize, spec.preprocess.channels)
-    path = GatewayPath(url)
+    path = GatewayPath(url, connections=connections)
     await path.open(spec, images)
     await path.step(concurrency, 0.0, warmup)                  # warm up (unrecorded)
     spy = None
@@ -92,13 +92,16 @@ def main() -> None:
     p.add_argument("--profile", type=Path)
     p.add_argument("--native", action="store_true")
     p.add_argument("--label", default="")
+    p.add_argument("--connections", type=int, default=1, help="gRPC connections (use >= 2 x workers)")
     args = p.parse_args()
     with GatewayProcess(args.model_repository, args=shlex.split(args.gateway_args)) as gw:
         assert gw.proc is not None
         result = asyncio.run(drive(gw.grpc_url, args.model_repository, args.model, args.concurrency,
-                                   args.duration, args.warmup, gw.proc.pid, args.profile, args.native))
+                                   args.duration, args.warmup, gw.proc.pid, args.profile, args.native,
+                                   args.connections))
     result["label"] = args.label
     result["gateway_args"] = args.gateway_args
+    result["connections"] = args.connections
     print(json.dumps(result))
 
 

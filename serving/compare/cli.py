@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=1.0, metavar="S", help="unrecorded seconds per cell (1)")
     p.add_argument("--gateway-args", default="", metavar="'FLAGS'",
                    help="extra `imgserve serve` flags for both gateways, e.g. '--workers 2'")
+    p.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="gRPC connections per server path, shared round-robin by the workers (default 1; use "
+                        "several with --gateway-args '--workers N': each connection lands on one worker)")
     p.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
     p.add_argument("--plot", type=Path, metavar="OUT.png")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress lines on stderr")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         config = CompareConfig(model_repository=args.model_repository, models=args.models,
                                concurrency=args.concurrency, image_sizes=args.image_size, paths=args.paths,
                                rounds=args.rounds, warmup_s=args.warmup, duration_s=args.duration,
-                               image_format=args.image_format, gateway_args=tuple(shlex.split(args.gateway_args)))
+                               image_format=args.image_format, gateway_args=tuple(shlex.split(args.gateway_args)),
+                               connections=args.connections)
         steps = run(config, progress=_progress(args.quiet))
     except ValueError as exc:
         print(f"imgserve bench --compare: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,18 +160,36 @@ class OrtPath(MeasuredPath):
 
 
 class _GrpcClientPath(MeasuredPath):
-    """Closed loop over ``tritonclient.grpc.aio``: ``concurrency`` workers send back to back."""
+    """Closed loop over ``tritonclient.grpc.aio``: ``concurrency`` workers send back to back.
 
-    def __init__(self, url: str) -> None:
+    ``connections`` clients, each with its own TCP connection (a local subchannel pool;
+    by default gRPC channels to one address share one), the workers taking turns: a
+    server with several processes on one port (``serve --workers N``) only spreads load
+    over connections.
+    """
+
+    def __init__(self, url: str, connections: int = 1) -> None:
         self.url = url
-        self._client = None
+        self.connections = max(1, connections)
+        self._clients: list[Any] = []
+
+    @property
+    def _client(self) -> Any:
+        return self._clients[0] if self._clients else None
+
+    def _client_for(self, k: int) -> Any:
+        return self._clients[k % len(self._clients)]
 
     async def open(self, spec: ModelSpec, images: Sequence[bytes]) -> None:
         from tritonclient.grpc.aio import InferenceServerClient
 
-        self._client = InferenceServerClient(self.url)
+        limit = 64 * 1024 * 1024
+        args = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                ("grpc.use_local_subchannel_pool", 1)]
+        self._clients = [InferenceServerClient(self.url, channel_args=args) for _ in range(self.connections)]
         self._prepare(spec, images)
-        await self._send(0)  # fail before measuring when the path cannot answer at all
+        for k in range(self.connections):
+            await self._send(k)  # fail before measuring when the path cannot answer at all
 
     @abc.abstractmethod
     def _prepare(self, spec: ModelSpec, images: Sequence[bytes]) -> None: ...
@@ -195,16 +214,16 @@ class _GrpcClientPath(MeasuredPath):
         return window
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for client in self._clients:
+            await client.close()
+        self._clients = []
 
 
 class GatewayPath(_GrpcClientPath):
     """Encoded images to a gateway's v2 endpoint (``image`` BYTES [1], ``ten_crop`` parameter)."""
 
-    def __init__(self, url: str, name: str = GATEWAY, ten_crop: bool = False) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, name: str = GATEWAY, ten_crop: bool = False, connections: int = 1) -> None:
+        super().__init__(url, connections)
         self.name = name
         self.ten_crop = ten_crop
         self._inputs: list[object] = []
@@ -222,8 +241,7 @@ class GatewayPath(_GrpcClientPath):
         self._outputs = [InferRequestedOutput("probabilities")]
 
     def _send(self, k: int) -> Awaitable[object]:
-        assert self._client is not None
-        return self._client.infer(self._model, [self._inputs[k % len(self._inputs)]], outputs=self._outputs,
+        return self._client_for(k).infer(self._model, [self._inputs[k % len(self._inputs)]], outputs=self._outputs,
                                   parameters={"ten_crop": self.ten_crop})
 
 
@@ -233,8 +251,8 @@ class TritonDirectPath(_GrpcClientPath):
 
     name = TRITON
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, connections: int = 1) -> None:
+        super().__init__(url, connections)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="client-pre")
 
     def _prepare(self, spec: ModelSpec, images: Sequence[bytes]) -> None:
@@ -247,12 +265,11 @@ class TritonDirectPath(_GrpcClientPath):
     async def _send(self, k: int) -> object:
         from tritonclient.grpc import InferInput
 
-        assert self._client is not None
         loop = asyncio.get_running_loop()
         batch = await loop.run_in_executor(self._pool, crops, self._images[k % len(self._images)], self._spec)
         tensor = InferInput(self._spec.input_name, list(batch.shape), "UINT8")
         tensor.set_data_from_numpy(batch)
-        return await self._client.infer(self._spec.name, [tensor], outputs=self._outputs)
+        return await self._client_for(k).infer(self._spec.name, [tensor], outputs=self._outputs)
 
     async def close(self) -> None:
         await super().close()

@@ -45,6 +45,7 @@ class CompareConfig:
     image_format: str = "PNG"
     image_count: int = 16
     gateway_args: tuple[str, ...] = ()       # extra `imgserve serve` flags for both gateways
+    connections: int = 1                     # gRPC connections per server path (>1 for `--workers N`)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.paths if p not in P.ALL_PATHS + P.OPTIONAL_PATHS]
@@ -143,12 +144,12 @@ def servers(config: CompareConfig, repo: Path) -> Iterator[dict[str, str]]:
         yield urls
 
 
-def make_path(name: str, urls: dict[str, str], model_dir: Path) -> P.MeasuredPath:
+def make_path(name: str, urls: dict[str, str], model_dir: Path, connections: int = 1) -> P.MeasuredPath:
     if name == P.ORT:
         return P.OrtPath(model_dir)
     if name == P.TRITON:
-        return P.TritonDirectPath(urls[name])
-    return P.GatewayPath(urls[name], name=name, ten_crop=(name == P.GATEWAY_TEN_CROP))
+        return P.TritonDirectPath(urls[name], connections)
+    return P.GatewayPath(urls[name], name=name, ten_crop=(name == P.GATEWAY_TEN_CROP), connections=connections)
 
 
 async def run_compare(config: CompareConfig, progress: Progress | None = _stderr) -> list[P.StepStats]:
@@ -179,7 +180,7 @@ async def run_compare(config: CompareConfig, progress: Progress | None = _stderr
                                     key = (name, model, side)
                                     path = opened.get(key)
                                     if path is None:
-                                        path = opened[key] = make_path(name, urls, repo / model)
+                                        path = opened[key] = make_path(name, urls, repo / model, config.connections)
                                         await path.open(spec, images)
                                     cpu = _cpu()
                                     window = await path.step(conc, config.warmup_s, config.duration_s)

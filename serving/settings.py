@@ -22,6 +22,7 @@ class Settings:
     max_queue_size: int = 1024                # crops waiting per model before RESOURCE_EXHAUSTED
     preprocess_threads: int = 0               # 0: one per core
     backend_threads: int = 0                  # ORT intra-op threads; 0: one per core
+    device: str = "cpu"                       # embedded backend: cpu, cuda or cuda:N (CUDA EP, falls back to CPU)
     inline_preprocess_pixels: int = 16384     # images up to this many pixels decode on the event loop (0: never)
     inline_infer_ms: float = 0.5              # embedded backend: calls measured faster than this run on the event loop (0: never)
     max_message_mb: int = 64                  # gRPC send/receive limit, both directions
@@ -80,6 +81,9 @@ class Settings:
             raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        from serving.backends.ort_device import parse_device
+
+        parse_device(self.device)  # ValueError names the accepted forms
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
         if self.inline_preprocess_pixels < 0 or self.inline_infer_ms < 0:

@@ -32,6 +32,7 @@ def tiny_onnx_repository(root: Path) -> Path:
                      numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "tiny.onnx"
     onnx.save(model, str(path))
     repo = root / "repo"

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.backends.base import Backend, check_outputs
+from serving.backends.ort_device import CPU, CUDA, Device, IoBoundRunner, Placement, parse_device, select_providers
 from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
 from serving.repository import LocalModel, ModelSpec, RepositoryError, scan_repository
 from serving.settings import Settings
@@ -27,8 +28,7 @@ from serving.tasks import check_servable
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+__all__ = ["CPU", "CUDA", "OnnxRuntimeBackend"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class _Loaded:
     session: ort.InferenceSession
     path: Path
     seconds_per_call: float | None = None   # EWMA of measured calls: decides inline vs thread
+    device: Device = Device("cpu")
+    runner: IoBoundRunner | None = None     # CUDA: I/O binding with pinned staging
 
 
 class OnnxRuntimeBackend(Backend):
@@ -87,12 +89,13 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return opts
 
-    def _providers(self, spec: ModelSpec) -> list[str]:
-        if spec.gpu:
-            if CUDA in ort.get_available_providers():
-                return [CUDA, CPU]
-            log.warning("model %s asks for a GPU but onnxruntime has no CUDA provider here; using CPU", spec.name)
-        return [CPU]
+    def _placement(self, spec: ModelSpec) -> Placement:
+        """CPU or CUDA for this model (``--device``, or KIND_GPU in its config); warns on a CPU fallback."""
+        placement = select_providers(parse_device(self.settings.device), spec.gpu, ort.get_available_providers(),
+                                     spec.name)
+        if placement.warning:
+            log.warning("%s", placement.warning)
+        return placement
 
     def _load(self, local: LocalModel) -> _Loaded:
         spec = local.spec
@@ -100,9 +103,10 @@ class OnnxRuntimeBackend(Backend):
             check_servable(spec)
         except RepositoryError as exc:
             raise BackendUnavailable(f"cannot serve {local.onnx_path}: {exc}") from None
+        placement = self._placement(spec)
         try:
             session = ort.InferenceSession(str(local.onnx_path), sess_options=self._session_options(),
-                                           providers=self._providers(spec))
+                                           providers=placement.providers)
         except Exception as exc:  # ORT raises its own pybind exception types
             raise BackendUnavailable(f"model {spec.name!r}: cannot load {local.onnx_path}: {exc}") from exc
         inputs = {i.name: i for i in session.get_inputs()}
@@ -115,7 +119,9 @@ class OnnxRuntimeBackend(Backend):
         if inputs[spec.input_name].type != "tensor(uint8)":
             raise BackendUnavailable(f"model {spec.name!r}: input {spec.input_name!r} is "
                                      f"{inputs[spec.input_name].type}, expected tensor(uint8)")
-        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path)
+        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path, device=placement.device)
+        if placement.device.kind == "cuda":
+            loaded.runner = IoBoundRunner(session, spec.input_name, spec.output_names, placement.device)
         # Warm up like Triton's model_warmup: the first run allocates and is slow. It also
         # proves the outputs have the declared shapes before the model takes traffic.
         try:
@@ -164,7 +170,10 @@ class OnnxRuntimeBackend(Backend):
         names = list(spec.output_names)
         start = time.perf_counter()
         try:
-            values = loaded.session.run(names, {spec.input_name: batch})
+            if loaded.runner is not None:
+                values = loaded.runner.run(batch)
+            else:
+                values = loaded.session.run(names, {spec.input_name: batch})
         except Exception as exc:
             raise BackendError(f"onnxruntime failed on model {spec.name!r}: {exc}") from exc
         took = time.perf_counter() - start

@@ -27,9 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("export.data.make_dataset", "generate a learnable dataset (shapes) as an ImageFolder"),
 }
 
-# `imgserve bench --compare` is served by this module (needs the serve and triton extras)
-COMPARE_MODULE = "serving.compare.cli"
-
 
 def usage() -> str:
     lines = ["usage: imgserve [--version] COMMAND [ARGS...]", "", "commands:"]
@@ -54,14 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgserve: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name = COMMANDS[name][0]
-    if name == "bench" and "--compare" in rest:
-        # the comparison starts servers and runs ONNX Runtime itself: a serving-side tool (serving/compare)
-        module_name = COMPARE_MODULE
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = "export" if module_name.startswith("export") else "serve,triton" if module_name == COMPARE_MODULE \
-            else "serve"
+        extra = "export" if module_name.startswith("export") else "serve"
         print(f"imgserve {name}: needs the '{extra}' extra (pip install 'imgserve[{extra}]'): {exc}",
               file=sys.stderr)
         return 2

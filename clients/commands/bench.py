@@ -57,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# `imgserve bench --compare` runs here: it starts servers and ONNX Runtime itself, so it is a
+# serving-side tool, imported by name only when asked for (clients/ never imports serving/)
+COMPARE_MODULE = "serving.compare.cli"
+
+
 def main(argv: list[str]) -> int:
+    if "--compare" in argv:
+        import importlib
+
+        try:
+            compare = importlib.import_module(COMPARE_MODULE)
+        except ImportError as exc:
+            print(f"imgserve bench --compare: needs the 'serve' and 'triton' extras "
+                  f"(pip install 'imgserve[serve,triton]'): {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return int(compare.main(argv) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     check_target(parser, args)

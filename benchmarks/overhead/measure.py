@@ -93,7 +93,11 @@ def main() -> None:
     p.add_argument("--native", action="store_true")
     p.add_argument("--label", default="")
     p.add_argument("--connections", type=int, default=1, help="gRPC connections (use >= 2 x workers)")
+    p.add_argument("--gateway-pythonpath", default=None,
+                   help="PYTHONPATH for the gateway process only (e.g. another checkout, for a before/after)")
     args = p.parse_args()
+    if args.gateway_pythonpath is not None:
+        os.environ["PYTHONPATH"] = args.gateway_pythonpath   # inherited by the gateway; this process is loaded
     with GatewayProcess(args.model_repository, args=shlex.split(args.gateway_args)) as gw:
         assert gw.proc is not None
         result = asyncio.run(drive(gw.grpc_url, args.model_repository, args.model, args.concurrency,

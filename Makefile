@@ -11,7 +11,7 @@ GRPC_PORT ?= 8500
 HTTP_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install repo run test tools lint clean proto image image-tools image-test
+.PHONY: install repo run test tools lint clean proto image image-tools image-test soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ image-test: install tools image-tools
 
 test: install tools
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The long reliability runs behind docs/reliability.md (minutes; not in CI): full-size head-of-line,
+# 10,000 requests at concurrency 64, SIGTERM/SIGINT under load, Triton faults, version swaps.
+soak: install
+	$(PY) -m benchmarks.reliability.figures --soak
 
 proto: install
 	$(PY) scripts/gen_proto.py

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -332,13 +332,17 @@ async def preflight(send: RequestFn, batches: Sequence[Sequence[bytes]]) -> None
 
 
 async def run_sweep(config: BenchConfig, images: Sequence[bytes] | None = None, *,
-                    image_source: str = "", progress: ProgressFactory | None = None) -> BenchReport:
+                    image_source: str = "", progress: ProgressFactory | None = None,
+                    client_options: Mapping[str, Any] | None = None) -> BenchReport:
     """Run every concurrency step of ``config`` and return the report.
 
     ``images`` None means synthetic noise images sized for the model (its resize side).
+    ``client_options`` (token, TLS files) go to the client only, never into the report.
+    Retries are off: the bench measures what the gateway answers, not what a retrying client hides.
     Raises ImgserveError when the preflight request fails.
     """
-    async with AsyncImageClient(config.server, protocol=config.protocol) as client:
+    options = {**(client_options or {}), "protocol": config.protocol, "retries": 0}
+    async with AsyncImageClient(config.server, **options) as client:
         info = await client.model(config.model, timeout=config.timeout_s)
         if images is None:
             images = synthetic_images(max(16, config.batch), info.resize or info.crop or 224, info.channels)

@@ -30,6 +30,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -46,6 +47,12 @@ log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 InferFn = Callable[[np.ndarray], Awaitable[Outputs]]
+
+# While a backend call runs: the latest deadline (time.monotonic()) of the requests in its batch,
+# so a backend can bound its own remote call (the Triton backend's client_timeout) without the
+# batcher's infer signature knowing about deadlines. None when a request in the batch has none.
+BATCH_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("imgserve_batch_deadline",
+                                                                             default=None)
 
 
 @dataclass(eq=False)
@@ -354,6 +361,8 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.observe_batch_size(self.model, size)
         start = time.perf_counter()
+        deadlines = [item.job.deadline for item in batch]
+        BATCH_DEADLINE.set(None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None))
         try:
             outputs = await self._infer(inputs)
         except ServingError as exc:

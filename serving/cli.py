@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client_host(host: str) -> str:
-    return "localhost" if host in ("0.0.0.0", "::", "") else host
+    return "localhost" if host in ("0.0.0.0", "::", "") else host  # nosec B104 - a comparison, not a bind
 
 
 def check_repository(settings: Settings) -> str | None:
@@ -86,7 +86,8 @@ def announce(settings: Settings, grpc_port: int, http_port: int, models: list[st
     host = _client_host(settings.host)
     model, image = example_request(models)
     exe = client_executable()
-    listening = f"{settings.host} (all interfaces)" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    everywhere = settings.host in ("0.0.0.0", "::", "")  # nosec B104 - a comparison, not a bind
+    listening = f"{settings.host} (all interfaces)" if everywhere else settings.host
     print(f"imgserve gateway is serving {', '.join(models) or 'no models'} (backend: {backend}), "
           f"listening on {listening}\n"
           f"  gRPC:    {host}:{grpc_port}  (imgserve.v1.ImageService, inference.GRPCInferenceService)\n"

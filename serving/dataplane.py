@@ -9,7 +9,6 @@ through one Batcher per model, so concurrent requests share backend calls.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import time
@@ -19,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from serving.admission import FairExecutor, header_pixels, request_pixels
 from serving.backends.base import Backend
 from serving.batcher import Batcher
 from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
-                            ServingError)
+                            ServingError, ShuttingDown)
 from serving.metrics import Metrics
-from serving.preprocess import DecodeOptions, configure_pillow, pixel_count
+from serving.preprocess import DecodeOptions, configure_pillow
 from serving.repository import ModelSpec, RepositoryError
 from serving.tasks import TaskHandler, check_servable, handler_for
 from serving.tasks.base import TaskDefaults, TaskResult
@@ -67,12 +67,14 @@ class DataPlane:
         self.metrics = metrics
         self._decode_options = DecodeOptions(max_pixels=settings.max_image_pixels)
         self._task_defaults = TaskDefaults(top_k=settings.default_top_k)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: FairExecutor | None = None
         self._batchers: dict[str, tuple[ModelSpec, Batcher]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
         self._in_flight = 0                    # requests past validation, not yet answered
+        self.last_refusal = 0.0                # when a request was last refused as shutting down
+        self.model_control: Any = None         # serving.reload.ModelControl when the backend can reload
         self._idle = asyncio.Event()
         self._idle.set()
         # stop() may take this long to drain queued crops before failing them
@@ -86,7 +88,7 @@ class DataPlane:
         if self._started:
             return
         workers = self.settings.preprocess_threads or self.settings.cores
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        self._executor = FairExecutor(workers, large_pixels=self.settings.large_image_pixels)
         await self.backend.start()
         self._stopping = False
         self._started = True
@@ -121,6 +123,25 @@ class DataPlane:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self._started = False
+
+    def refuse_new(self) -> None:
+        """The drain's refusing phase: new requests get ShuttingDown (UNAVAILABLE / 503 + Retry-After),
+        admitted ones go on, and queued crops are sent without waiting for a batch to fill."""
+        self._stopping = True
+        self.flush_queues()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted by run() and not yet answered."""
+        return self._in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left (True), or ``timeout_s`` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def flush_queues(self) -> None:
         """A drain has begun: queued crops go to the backend now instead of waiting for a batch to fill.
@@ -165,7 +186,7 @@ class DataPlane:
         if self._stopping:
             raise BackendUnavailable("the server is shutting down")
         batcher = Batcher(
-            spec.name, functools.partial(self.backend.infer, spec.name),
+            spec.name, functools.partial(self.backend.infer_spec, spec),
             max_batch_size=self.settings.max_batch_size or spec.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,
@@ -192,6 +213,19 @@ class DataPlane:
         that serves it. ``options`` are the task's request options (absent = default).
         """
         self._check_running()
+        # counted from here, not from decoding: a drain that has let this request in waits for it
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._run_request(model, images, task, options, deadline)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _run_request(self, model: str, images: Sequence[bytes], task: str | None,
+                           options: Mapping[str, object] | None,
+                           deadline: float | None) -> tuple[TaskHandler, ModelSpec, TaskResult]:
         if deadline is None:
             deadline = time.monotonic() + self.settings.request_timeout_s
         spec = await self._spec(model)
@@ -202,7 +236,9 @@ class DataPlane:
                                f"(imgserve.v1) or the v2 endpoint, not {expected.v1_method}")
         parsed = handler.parse_options(spec, dict(options or {}), self._task_defaults)
         self._check_images(images)
-        result = await self._run(handler, spec, parsed, images, deadline)
+        # headers only, before any decoding: an over-budget request costs no decode time
+        costs = request_pixels(images, self.settings.max_request_pixels)
+        result = await self._run(handler, spec, parsed, images, deadline, costs)
         return handler, spec, result
 
     async def probabilities(self, model: str, images: Sequence[bytes], *, ten_crop: bool | None = None,
@@ -234,7 +270,8 @@ class DataPlane:
 
     def _check_running(self) -> None:
         if self._stopping:
-            raise BackendUnavailable("the server is shutting down")
+            self.last_refusal = time.monotonic()
+            raise ShuttingDown()
         if not self._started:
             raise BackendUnavailable("the data plane is not started")
 
@@ -252,52 +289,41 @@ class DataPlane:
                 raise InvalidInput(f"image {i}: expected encoded image bytes, got {type(data).__name__}")
 
     async def _run(self, handler: TaskHandler, spec: ModelSpec, options: Any, images: Sequence[bytes],
-                   deadline: float) -> TaskResult:
-        self._check_running()
+                   deadline: float, costs: Sequence[int] | None = None) -> TaskResult:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request started")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            calls = [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
-                                       decode=self._decode_options) for i, data in enumerate(images)]
-            what = f"decoding {len(images)} images"
-            if self._tiny(images):
-                prepared = self._inline(spec, what, calls, observe_preprocess=True)
-            else:
-                prepared = await self._in_pool(spec, deadline, what, calls, observe_preprocess=True)
-            batcher = await self._batcher(spec)
-            outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
-            if handler.postprocess_in_pool:
-                (images_out,) = await self._in_pool(
-                    spec, deadline, "postprocessing",
-                    [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
-            else:
-                images_out = handler.postprocess(spec, options, prepared, outputs)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        calls = [functools.partial(handler.prepare, bytes(data), spec, options, index=i,
+                                   decode=self._decode_options) for i, data in enumerate(images)]
+        what = f"decoding {len(images)} images"
+        if self._tiny(images, costs):
+            prepared = self._inline(spec, what, calls, observe_preprocess=True)
+        else:
+            prepared = await self._in_pool(spec, deadline, what, calls, observe_preprocess=True, costs=costs)
+        batcher = await self._batcher(spec)
+        outputs = await batcher.submit(np.concatenate([p.inputs for p in prepared]), deadline=deadline)
+        if handler.postprocess_in_pool:
+            (images_out,) = await self._in_pool(
+                spec, deadline, "postprocessing",
+                [functools.partial(handler.postprocess, spec, options, prepared, outputs)])
+        else:
+            images_out = handler.postprocess(spec, options, prepared, outputs)
         return TaskResult(model=spec.name, version=str(spec.version), tta=handler.tta(options), images=images_out)
 
-    def _tiny(self, images: Sequence[bytes]) -> bool:
+    def _tiny(self, images: Sequence[bytes], costs: Sequence[int] | None = None) -> bool:
         """Whether decoding these images costs less than a trip through the thread pool.
 
         A pool hop is a queue put, a worker wake-up, a GIL hand-over and a wake-up of the
         loop: tens of microseconds idle, milliseconds on a busy machine, more than decoding
-        a 28x28 PNG. The header says how many pixels decoding will produce, so a small file
-        that decompresses into a large image (a bomb) still goes to the pool.
+        a 28x28 PNG. The headers (``costs``: pixels per image, 0 when unknown) say how many
+        pixels decoding will produce, so a small file that decompresses into a large image
+        (a bomb) still goes to the pool, and so does anything the header cannot size.
         """
         limit = self.settings.inline_preprocess_pixels
         if limit <= 0:
             return False
-        budget = limit
-        for data in images:
-            pixels = pixel_count(bytes(data))
-            if pixels is None or pixels > budget:
-                return False
-            budget -= pixels
-        return True
+        if costs is None:
+            costs = [header_pixels(data) or 0 for data in images]
+        return all(c > 0 for c in costs) and sum(costs) <= limit
 
     def _inline(self, spec: ModelSpec, what: str, calls: list[Callable[[], Any]], *,
                 observe_preprocess: bool = False) -> list[Any]:
@@ -317,16 +343,21 @@ class DataPlane:
         return results
 
     async def _in_pool(self, spec: ModelSpec, deadline: float, what: str, calls: list[Callable[[], Any]],
-                       *, observe_preprocess: bool = False) -> list[Any]:
+                       *, observe_preprocess: bool = False, costs: Sequence[int] | None = None) -> list[Any]:
         """Run ``calls`` in the preprocessing pool within the deadline; results in order.
 
+        The calls form one lane of the fair executor (serving/admission.py): they take turns
+        with other requests' calls, and ``costs`` (pixels) keep large ones off the express worker.
         The first failing call (by position) decides the error, so messages are deterministic.
         """
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("the data plane is not started")
         start = time.perf_counter()
-        futures = [executor.submit(call) for call in calls]
+        try:
+            futures = executor.submit_many(calls, costs)
+        except RuntimeError:  # shut down between the check above and here
+            raise BackendUnavailable("the data plane is stopping") from None
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:
             done, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))

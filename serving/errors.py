@@ -54,6 +54,15 @@ class BackendUnavailable(ServingError):
     http_status = 503
 
 
+class ShuttingDown(BackendUnavailable):
+    """The gateway is draining and takes no new requests: retry elsewhere (UNAVAILABLE / 503 + Retry-After)."""
+
+    def __init__(self, message: str = "the server is shutting down; retry on another replica",
+                 retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(ServingError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
@@ -66,6 +75,17 @@ class BackendError(ServingError):
     http_status = 500
 
 
+class Unauthenticated(ServingError):
+    """No valid bearer token (HTTP adds ``WWW-Authenticate: Bearer``)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+    def __init__(self, message: str, challenge: str = 'Bearer realm="imgserve"') -> None:
+        super().__init__(message)
+        self.challenge = challenge  # the WWW-Authenticate value (RFC 6750)
+
+
 def http_status_for(code: grpc.StatusCode) -> int:
     """HTTP status for a gRPC code, for errors that did not come from a ServingError."""
     return {
@@ -75,4 +95,5 @@ def http_status_for(code: grpc.StatusCode) -> int:
         grpc.StatusCode.UNAVAILABLE: 503,
         grpc.StatusCode.DEADLINE_EXCEEDED: 504,
         grpc.StatusCode.UNIMPLEMENTED: 501,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
     }.get(code, 500)

@@ -70,26 +70,6 @@ def configure_pillow(max_pixels: int) -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def pixel_count(data: bytes) -> int | None:
-    """Width x height from the image header alone (no decoding), None when it cannot be read.
-
-    Cheap, so the data plane can ask before deciding where to decode: on the event loop
-    for tiny images, in the pool otherwise. A PNG's size is read straight from its IHDR
-    chunk (a microsecond); other formats ask Pillow, which reads only the header.
-    """
-    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except Exception:  # anything unreadable is the decoder's to reject, with its own message
-        return None
-    return width * height
-
-
 def decode(data: bytes, *, channels: int, index: int = 0, target: int | None = None,
            options: DecodeOptions = DecodeOptions()) -> Image.Image:
     """Decode untrusted bytes into an "L" (channels=1) or "RGB" (channels=3) image.

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "IMGSERVE_"
+# Settings only the environment may set: a secret on the command line is visible in `ps` to every user.
+ENV_ONLY = frozenset({"auth_tokens"})
 
 
 @dataclass
 class Settings:
     model_repository: Path = Path("model_repository")
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 - containers must listen on the pod IP; warned at start (docs/security.md)
     grpc_port: int = 8500
     http_port: int = 8080
     backend: str = "onnxruntime"             # "onnxruntime" (embedded) or "triton"
@@ -30,12 +32,30 @@ class Settings:
     max_image_pixels: int = 50_000_000        # Pillow decompression-bomb guard
     default_top_k: int = 5
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
-    triton_health_interval_s: float = 2.0
+    triton_health_interval_s: float = 0.5      # Triton probes (with the breaker: fault and recovery detection)
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
     workers: int = 1                          # gateway processes sharing the ports (serving/workers.py)
     reuse_port: bool = False                  # SO_REUSEPORT on both ports (set for each of N workers)
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
+    # security (docs/security.md): TLS on both ports, mTLS on gRPC, bearer tokens, HTTP slow-client limits
+    tls_cert: str = ""                        # PEM certificate chain; with tls_key turns TLS on for gRPC and HTTP
+    tls_key: str = ""                         # PEM private key of tls_cert
+    tls_client_ca: str = ""                   # PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)
+    auth_token_file: str = ""                 # bearer tokens, one per line (re-read when it changes)
+    auth_tokens: str = field(default="", repr=False)  # env IMGSERVE_AUTH_TOKENS only (comma-separated); never a flag
+    auth_exempt_health: bool = True           # health and readiness answer without a token
+    auth_exempt_metrics: bool = True          # /metrics answers without a token
+    http_header_timeout_s: float = 10.0       # request line + headers must arrive within this
+    http_body_timeout_s: float = 60.0         # the whole request body must arrive within this (408 after)
+    http_keepalive_timeout_s: float = 75.0    # idle keep-alive connections are closed after this
+    # --- reliability (issue #9): admission, drain, backend faults, model control
+    max_request_pixels: int = 400_000_000     # decoded pixels one request may cost (sum over its images); 0: no limit
+    large_image_pixels: int = 4_000_000       # images this large never run on the decode pool's express worker
+    drain_delay_s: float = 2.0                # SIGTERM: NOT_SERVING this long (still serving) before refusing new requests
+    triton_probe_timeout_s: float = 0.5       # a Triton health probe slower than this counts as a failure (hung server)
+    model_control_mode: str = "none"          # embedded backend: none | poll | explicit (as Triton's --model-control-mode)
+    repository_poll_interval_s: float = 15.0  # model_control_mode poll: how often the repository is rescanned
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -54,7 +74,7 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add one --flag per field; defaults are None so env values survive unset flags."""
         for f in fields(cls):
-            if f.name == "extra":
+            if f.name == "extra" or f.name in ENV_ONLY:
                 continue
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                                 help=f"(env {ENV_PREFIX}{f.name.upper()}; default {getattr(cls(), f.name)})")
@@ -79,6 +99,12 @@ class Settings:
                 raise ValueError(f"{name} out of range")
         if self.triton_resolve_interval_s < 0:
             raise ValueError("triton_resolve_interval_s must be >= 0 (0 disables DNS discovery)")
+        if self.drain_delay_s < 0 or self.triton_probe_timeout_s <= 0 or self.repository_poll_interval_s <= 0:
+            raise ValueError("drain_delay_s must be >= 0, triton_probe_timeout_s and repository_poll_interval_s > 0")
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control_mode must be none, poll or explicit, not {self.model_control_mode!r}")
+        if self.max_request_pixels < 0 or self.large_image_pixels < 1:
+            raise ValueError("max_request_pixels must be >= 0 (0: no limit) and large_image_pixels >= 1")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
         from serving.backends.ort_device import parse_device
@@ -90,6 +116,16 @@ class Settings:
             raise ValueError("inline_preprocess_pixels and inline_infer_ms must be >= 0 (0 disables)")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
             raise ValueError("max_queue_size must be >= 1 and max_queue_delay_ms >= 0")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
+        for name in ("http_header_timeout_s", "http_body_timeout_s", "http_keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
 
     @property
     def triton_urls(self) -> list[str]:

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Callable, Sequence
 
 BACKEND_SOURCE = Path(__file__).with_name("triton_onnx_backend") / "model.py"
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # nosec B108 - Triton's shared-memory mount, not a temp file we create
 _PR_SET_PDEATHSIG = 1
 
 
@@ -219,7 +219,7 @@ class TritonLocal:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # nosec B104 - a comparison, not a bind
 
     @property
     def grpc_url(self) -> str:
@@ -304,7 +304,7 @@ class TritonLocal:
             return False
         if PORT_TAKEN in error:
             return True
-        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # nosec B104 - maps "all" to loopback
         for port in picked:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
@@ -324,7 +324,7 @@ class TritonLocal:
 
     def _launch(self, dist: TritonDistribution) -> None:
         assert self.work_dir is not None
-        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        bind = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # nosec B104 - maps "all" to loopback
         self.grpc_port = self.grpc_port or free_port(bind)
         self.http_port = self.http_port or free_port(bind)
         self.metrics_port = self.metrics_port or free_port(bind)
@@ -350,7 +350,7 @@ class TritonLocal:
                 code = None if self.proc is None else self.proc.returncode
                 raise TritonLocalError(f"tritonserver exited with code {code} while starting\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=2.0) as resp:
+                with urllib.request.urlopen(url, timeout=2.0) as resp:  # nosec B310 - url is http://<our host>:<port>
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

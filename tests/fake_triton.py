@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncio
+
 import grpc
 import grpc.aio
 import numpy as np
@@ -28,6 +30,22 @@ class FakeTriton(sv_grpc.GRPCInferenceServiceServicer):
         self.fail_infer: tuple[grpc.StatusCode, str] | None = None
         self.infer_calls: list[tuple[str, tuple[int, ...]]] = []
         self.config_requests = 0
+        self.reloading: set[str] = set()      # listed as LOADING, and unknown to ModelInfer (a reload)
+        self._unhung: asyncio.Event | None = None
+
+    def hang(self) -> None:
+        """Every call from now on waits without answering (what SIGSTOP does to Triton)."""
+        self._unhung = asyncio.Event()
+
+    def resume(self) -> None:
+        """Answer again, calls that were hanging included (SIGCONT)."""
+        if self._unhung is not None:
+            self._unhung.set()
+            self._unhung = None
+
+    async def _maybe_hang(self) -> None:
+        if self._unhung is not None:
+            await self._unhung.wait()
 
     def publish(self, spec: ModelSpec) -> None:
         """A new version (or model) becomes READY, as after Triton loaded it."""
@@ -35,12 +53,15 @@ class FakeTriton(sv_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: sv.ServerReadyRequest, context: grpc.aio.ServicerContext
                           ) -> sv.ServerReadyResponse:
+        await self._maybe_hang()
         return sv.ServerReadyResponse(ready=True)
 
     async def RepositoryIndex(self, request: sv.RepositoryIndexRequest, context: grpc.aio.ServicerContext
                               ) -> sv.RepositoryIndexResponse:
+        await self._maybe_hang()
         return sv.RepositoryIndexResponse(models=[
-            sv.RepositoryIndexResponse.ModelIndex(name=s.name, version=str(s.version), state="READY")
+            sv.RepositoryIndexResponse.ModelIndex(name=s.name, version=str(s.version),
+                                                  state="LOADING" if s.name in self.reloading else "READY")
             for s in self.specs.values()])
 
     def _spec(self, name: str) -> ModelSpec | None:
@@ -70,6 +91,9 @@ class FakeTriton(sv_grpc.GRPCInferenceServiceServicer):
         spec = self._spec(request.model_name)
         shape = tuple(request.inputs[0].shape)
         self.infer_calls.append((request.model_name, shape))
+        await self._maybe_hang()
+        if request.model_name in self.reloading:
+            spec = None
         if self.fail_infer is not None:
             await context.abort(*self.fail_infer)
         if spec is None:

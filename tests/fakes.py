@@ -198,7 +198,7 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
 def gateway_settings(**overrides: object) -> Settings:
     """Loopback, OS-picked ports, one preprocess thread, no batching delay unless asked."""
     settings = Settings(host="127.0.0.1", grpc_port=0, http_port=0, preprocess_threads=1,
-                        max_queue_delay_ms=0.0, triton_health_interval_s=0.1)
+                        max_queue_delay_ms=0.0, triton_health_interval_s=0.1, drain_delay_s=0.0)
     for key, value in overrides.items():
         setattr(settings, key, value)
     settings.validate()

@@ -131,7 +131,8 @@ def run_gateway(repo: Path, *, backend: str = "onnxruntime", triton_url: str | N
     if triton_url:
         args += ["--triton-url", triton_url]
     args += list(extra_args)
-    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # no drain delay unless a test asks: nothing balances load in front of a test's gateway
+    proc_env = {"IMGSERVE_DRAIN_DELAY_S": "0", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with tempfile.NamedTemporaryFile(prefix="imgserve-out-", suffix=".log") as out, \
             tempfile.NamedTemporaryFile(prefix="imgserve-err-", suffix=".log") as err:
         began = time.monotonic()

@@ -65,7 +65,8 @@ BLOCK_TIMEOUT_S = 300.0
 # Flags of other programs that the prose names in `code`: tritonserver's (docs/triton.md) and the
 # experiment scripts' (python -m export.experiments.*, docs/experiments/README.md).
 FOREIGN_FLAGS = frozenset({"--exit-timeout-secs", "--backend-directory", "--backend-config", "--shm-size", "--arch",
-                           "--build-arg", "--model-control-mode", "--load-model"})  # buildah's and Triton's
+                           "--build-arg", "--model-control-mode", "--load-model",   # buildah's and Triton's
+                           "--soak", "--only"})   # benchmarks/reliability/figures.py (docs/reliability.md)
 
 
 def adapter_metric_names() -> frozenset[str]:
@@ -105,6 +106,7 @@ def env_vars_read() -> frozenset[str]:
     names = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     sources = [*ROOT.glob("serving/**/*.py"), *ROOT.glob("clients/**/*.py"), *ROOT.glob("export/**/*.py"),
                *ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.sh"), ROOT / "tests" / "conftest.py",
+               ROOT / "tests" / "test_fuzz.py",
                ROOT / "Makefile"]
     for path in sources:
         names |= set(re.findall(r"\bIMGSERVE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))

@@ -20,7 +20,7 @@ from PIL import Image
 from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.dataplane import DataPlane
 from serving.metrics import Metrics
-from serving.preprocess import pixel_count
+from serving.admission import header_pixels
 from serving.settings import Settings
 from tests.fakes import ScriptedBackend, grey_png
 from tests.tiny_onnx import tiny_onnx_repository
@@ -41,17 +41,22 @@ def jpeg(side: int) -> bytes:
     return buf.getvalue()
 
 
-def test_pixel_count_reads_headers_only() -> None:
-    assert pixel_count(grey_png(7)) == 16
-    assert pixel_count(png_header_only(20000, 20000)) == 400_000_000
-    assert pixel_count(jpeg(30)) == 900
-    assert pixel_count(b"not an image") is None
+def test_header_pixels_reads_headers_only() -> None:
+    """PNG sizes come straight from IHDR (with Pillow's bomb rule), other formats from Pillow's header read."""
+    from PIL import Image
+
+    assert header_pixels(grey_png(7)) == 16
+    assert header_pixels(png_header_only(5000, 4000)) == 20_000_000
+    assert header_pixels(png_header_only(60000, 60000)) == 1 << 62 > 2 * Image.MAX_IMAGE_PIXELS
+    assert header_pixels(jpeg(30)) == 900
+    assert header_pixels(b"not an image") is None
 
 
 def test_tiny_images_decode_inline_large_or_unknown_ones_in_the_pool() -> None:
     plane = DataPlane(Settings(inline_preprocess_pixels=1000), ScriptedBackend(), Metrics())
     assert plane._tiny([grey_png(1), grey_png(2)])                 # 16 + 16 pixels
     assert not plane._tiny([png_header_only(20000, 20000)])       # a bomb's header: never on the loop
+    assert plane._tiny([b"x"], costs=[16]) and not plane._tiny([b"x", b"y"], costs=[16, 0])  # unknown: pool
     assert not plane._tiny([jpeg(30), jpeg(30)])                  # 1800 > 1000 pixels together
     assert not plane._tiny([b"garbage"])                          # the pool's decoder explains the error
     assert not DataPlane(Settings(inline_preprocess_pixels=0), ScriptedBackend(), Metrics())._tiny([grey_png(1)])

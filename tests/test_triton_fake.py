@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving.backends.triton import TritonBackend, map_error
-from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound,
+from serving.backends.triton import ModelReloading, TritonBackend, map_error
+from serving.errors import (BackendError, BackendUnavailable, DeadlineExceeded, InvalidInput,
                             Overloaded, ServingError)
 from serving.repository import Preprocess
 from serving.settings import Settings
@@ -46,8 +46,9 @@ async def backend_over(fake: FakeTriton, repo: Path) -> AsyncIterator[TritonBack
 
 @pytest.mark.parametrize("code, message, expected, fragment", [
     (grpc.StatusCode.UNAVAILABLE, "server is shutting down", BackendUnavailable, "unavailable"),
-    (grpc.StatusCode.NOT_FOUND, "no such model", ModelNotFound, "not served by Triton"),
-    (grpc.StatusCode.INTERNAL, "Request for unknown model: 'tiny'", ModelNotFound, "not served by Triton"),
+    # a model the backend knows that Triton calls unknown is being reloaded: UNAVAILABLE, retried (#9)
+    (grpc.StatusCode.NOT_FOUND, "no such model", ModelReloading, "reloading"),
+    (grpc.StatusCode.INTERNAL, "Request for unknown model: 'tiny'", ModelReloading, "reloading"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, "timed out", DeadlineExceeded, "did not answer in time"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 4)", BackendError,
      "max_message_mb"),
@@ -73,6 +74,7 @@ async def test_triton_statuses_become_typed_errors(tmp_path: Path, code: grpc.St
         fake.fail_infer = None
         # Only "unavailable" (UNAVAILABLE, CANCELLED) says the server is going away: it is marked unhealthy
         # (and the call retried elsewhere); an error about the request leaves the server in rotation.
+        # (A reloading model is not the server's fault: it stays in rotation for the other models.)
         healthy = expected is not BackendUnavailable
         assert [s.healthy for s in backend.servers()] == [healthy]
         if healthy:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from clients import bench
-from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, non_negative_float,
+from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target,
+                                      client_options, non_negative_float,
                                       positive_float, positive_int, report_error)
 from clients.sdk.errors import ImgserveError
 from clients.sdk.wire import parse_target
@@ -102,7 +103,9 @@ def main(argv: list[str]) -> int:
     print(f"imgserve bench: {bench.title_for(config)} -> {endpoint}; levels {','.join(map(str, config.concurrency))}, "
           f"{config.warmup_s:g}s warm-up + {config.duration_s:g}s each", file=sys.stderr)
     try:
-        report = asyncio.run(bench.run_sweep(config, images, image_source=source, progress=progress))
+        connection = {k: v for k, v in client_options(args).items() if k not in ("protocol", "timeout")}
+        report = asyncio.run(bench.run_sweep(config, images, image_source=source, progress=progress,
+                                             client_options=connection))
     except ImgserveError as exc:
         return report_error("bench", exc, args.server)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.commands._common import (EXIT_OK, EXIT_REQUEST_FAILED, EXIT_USAGE, add_connection_args, check_target,
-                                      compact_json, positive_int, report_error)
+                                      client_options, compact_json, positive_int, report_error)
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import ImgserveError
 from clients.types import ClassifyResult, Prediction
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     all_ok = True
     try:
         if readable:
-            with ImageClient(args.server, protocol=args.protocol, timeout=args.timeout) as client:
+            with ImageClient(args.server, **client_options(args)) as client:
                 for start in range(0, len(readable), args.batch_size):
                     all_ok &= classify_chunk(client, readable[start:start + args.batch_size], args, out)
     except ImgserveError as exc:

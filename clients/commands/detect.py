@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, compact_json,
-                                      positive_int, report_error)
+from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, client_options,
+                                      compact_json, positive_int, report_error)
 from clients.commands.outputs import output_paths, read_inputs
 from clients.draw import draw_detections
 from clients.sdk.client import ImageClient
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     inputs = read_inputs(parser, args.images)
     targets = output_paths(parser, args.draw, [name for name, _ in inputs], "--draw")
     try:
-        with ImageClient(args.server, protocol=args.protocol, timeout=args.timeout) as client:
+        with ImageClient(args.server, **client_options(args)) as client:
             result = client.detect([data for _, data in inputs], args.model, score_threshold=args.score_threshold,
                                    max_detections=args.max_detections, tta=args.tta)
     except ImgserveError as exc:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from clients.commands._common import EXIT_OK, add_connection_args, check_target, compact_json, report_error
+from clients.commands._common import (EXIT_OK, add_connection_args, check_target, client_options, compact_json,
+                                      report_error)
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import ImgserveError
 from clients.types import ModelInfo
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_target(parser, args)
     try:
-        with ImageClient(args.server, protocol=args.protocol, timeout=args.timeout) as client:
+        with ImageClient(args.server, **client_options(args)) as client:
             models = client.models()
     except ImgserveError as exc:
         return report_error("models", exc, args.server)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clients.commands._common import EXIT_OK, EXIT_USAGE, add_connection_args, check_target, compact_json, report_error
+from clients.commands._common import (EXIT_OK, EXIT_USAGE, add_connection_args, check_target, client_options,
+                                      compact_json, report_error)
 from clients.commands.outputs import output_paths, read_inputs
 from clients.draw import overlay_mask
 from clients.sdk.client import ImageClient
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
     overlays = output_paths(parser, args.overlay, names, "--overlay")
     masks = output_paths(parser, args.mask, names, "--mask")
     try:
-        with ImageClient(args.server, protocol=args.protocol, timeout=args.timeout) as client:
+        with ImageClient(args.server, **client_options(args)) as client:
             result = client.segment([data for _, data in inputs], args.model, tta=args.tta)
     except ImgserveError as exc:
         return report_error("segment", exc, args.server)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from clients.sdk.client import ImageClient
 from clients.sdk.errors import (DeadlineExceeded, ImgserveError, InternalError, InvalidArgument, NotFound,
-                                ResourceExhausted, Unavailable)
+                                ResourceExhausted, Unauthenticated, Unavailable)
+from clients.sdk.retry import RetryPolicy
 from clients.sdk.images import ImageInput
 from clients.types import (ClassifyResult, ClassShare, Detection, DetectResult, ImageDetections, ImageSegmentation,
                            ModelInfo, Prediction, SegmentResult)
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncImageClient", "ClassShare", "ClassifyResult", "DeadlineExceeded", "DetectResult", "Detection",
     "ImageClient", "ImageDetections", "ImageInput", "ImageSegmentation", "ImgserveError", "InternalError",
-    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "SegmentResult", "Unavailable",
+    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "RetryPolicy", "SegmentResult",
+    "Unauthenticated", "Unavailable",
 ]
 
 

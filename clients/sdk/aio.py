@@ -7,7 +7,8 @@ Many concurrent calls on one client share its channel / connection pool.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -18,8 +19,10 @@ import grpc.aio
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
 from clients.sdk.client import find_model
-from clients.sdk.errors import DeadlineExceeded, Unavailable, from_grpc, from_http, not_http
+from clients.sdk.connection import ConnectionSecurity
+from clients.sdk.errors import DeadlineExceeded, ImgserveError, Unavailable, from_grpc, from_http, not_http
 from clients.sdk.images import as_image_list, encode_images
+from clients.sdk.retry import RetryPolicy
 from clients.sdk.wire import (DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, V1_METHODS,
                               ClientState, Endpoint, check_result_count, classify_request, detect_request,
                               from_json, grpc_channel_options, metadata_pairs, segment_request, to_json)
@@ -66,16 +69,17 @@ class _AioGrpcTransport:
 
 
 class _AioHttpTransport:
-    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str]) -> None:
+    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str], ssl_context: ssl.SSLContext | None) -> None:
         self._base = endpoint.address
         self._headers = {"Accept": JSON_CONTENT_TYPE, **headers}
+        self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # limit=0: concurrency is bounded by the caller (e.g. the bench's workers), not the pool.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                  headers=self._headers)
+            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl if self._ssl is not None else True)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session
 
     async def _request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> bytes:
@@ -92,6 +96,9 @@ class _AioHttpTransport:
                 return payload
         except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
             raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+        except aiohttp.ClientSSLError as exc:
+            # a certificate problem does not heal by retrying
+            raise Unavailable(f"TLS with {self._base} failed: {exc}", permanent=True) from None
         except aiohttp.ClientConnectorError as exc:
             raise Unavailable(f"cannot reach {self._base}: {exc.os_error or exc}") from None
         except aiohttp.ClientResponseError:  # non-200 answers are handled above: this one did not parse as HTTP
@@ -120,14 +127,22 @@ class AsyncImageClient(ClientState):
     def __init__(self, target: str = "localhost:8500", *, protocol: str | None = None,
                  timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  headers: Mapping[str, str] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        super().__init__(target, protocol, timeout)
-        headers = dict(headers or {})
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, token_file: str | None = None, ca_file: str | None = None,
+                 client_cert: str | None = None, client_key: str | None = None, tls: bool | None = None,
+                 retries: RetryPolicy | int | None = RetryPolicy()) -> None:
+        security = ConnectionSecurity.create(token, token_file, ca_file, client_cert, client_key, tls)
+        super().__init__(target, protocol, timeout, security, retries, credentials)
+        headers = self._headers(headers)
         self._transport: _AioGrpcTransport | _AioHttpTransport
         if self.endpoint.protocol == "grpc":
+            if credentials is None and security.wants_tls():
+                credentials = security.grpc_credentials()
             self._transport = _AioGrpcTransport(self.endpoint, max_message_mb, headers, credentials)
         else:
-            self._transport = _AioHttpTransport(self.endpoint, headers)
+            https = self.endpoint.address.lower().startswith("https://")
+            self._transport = _AioHttpTransport(self.endpoint, headers,
+                                                security.ssl_context() if security.wants_tls(https) else None)
 
     async def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
                        timeout: float | None = None) -> ClassifyResult:
@@ -163,13 +178,25 @@ class AsyncImageClient(ClientState):
         return await asyncio.to_thread(encode_images, items)  # file reads and PNG encoding would block the loop
 
     async def _call(self, method: str, request: Any, n_images: int, timeout: float | None) -> Any:
-        response = await self._transport.infer(method, request, timeout)
+        response = await self._retrying(lambda remaining: self._transport.infer(method, request, remaining), timeout)
         check_result_count(response, n_images)
         return response
 
+    async def _retrying(self, attempt: Callable[[float | None], Awaitable[Any]], timeout: float | None) -> Any:
+        """Await ``attempt(remaining_timeout)`` until it succeeds or the retry policy says stop."""
+        state = self._retrier.start(timeout)
+        while True:
+            try:
+                return await attempt(state.remaining())
+            except ImgserveError as exc:
+                delay = state.delay_before_retry(exc)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the gateway serves."""
-        response = await self._transport.list_models(self._timeout(timeout))
+        response = await self._retrying(self._transport.list_models, self._timeout(timeout))
         return [ModelInfo.from_proto(m) for m in response.models]
 
     async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -17,8 +19,11 @@ import grpc
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from clients.proto.imgserve.v1 import imgserve_pb2_grpc as pb_grpc
-from clients.sdk.errors import DeadlineExceeded, NotFound, Unavailable, from_grpc, from_http, not_http
+from clients.sdk.connection import ConnectionSecurity
+from clients.sdk.errors import (DeadlineExceeded, ImgserveError, NotFound, Unavailable, from_grpc, from_http,
+                                not_http)
 from clients.sdk.images import encode_images
+from clients.sdk.retry import RetryPolicy
 from clients.sdk.wire import (DEFAULT_MAX_MESSAGE_MB, JSON_CONTENT_TYPE, MODELS_PATH, TIMEOUT_HEADER, V1_METHODS,
                               ClientState, Endpoint, check_result_count, classify_request, detect_request,
                               from_json, grpc_channel_options, metadata_pairs, segment_request, to_json)
@@ -54,11 +59,14 @@ class _GrpcTransport:
 
 
 class _HttpTransport:
-    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str]) -> None:
+    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str], ssl_context: ssl.SSLContext | None) -> None:
         self._base = endpoint.address
         self._headers = {"Accept": JSON_CONTENT_TYPE, **headers}
         # Like aiohttp (the async client), ignore *_proxy variables: gateways are usually on the LAN.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if ssl_context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> bytes:
         headers = dict(self._headers)
@@ -79,6 +87,9 @@ class _HttpTransport:
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
+            if isinstance(exc.reason, ssl.SSLError):
+                # a certificate problem does not heal by retrying
+                raise Unavailable(f"TLS with {self._base} failed: {exc.reason}", permanent=True) from None
             raise Unavailable(f"cannot reach {self._base}: {exc.reason}") from None
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from {self._base} within {timeout} s") from None
@@ -107,19 +118,34 @@ class ImageClient(ClientState):
     (or ``protocol="http"``) talks the HTTP/JSON mirror. Results and errors are the
     same either way. ``timeout`` (seconds) is the default per call; None waits for
     the server's own deadline. ``headers`` go out as HTTP headers / gRPC metadata.
+
+    Security: ``token`` (or ``token_file``) is sent as ``authorization: Bearer <token>``;
+    ``ca_file`` verifies the gateway's TLS certificate (gRPC; for HTTP use an https:// URL),
+    ``client_cert``/``client_key`` answer a gateway that requires mTLS; ``tls=True`` uses TLS
+    with the system's CAs. Retries: UNAVAILABLE and RESOURCE_EXHAUSTED-with-Retry-After are
+    retried (``retries``: a RetryPolicy, a number of retries, 0 or None for none; default 3,
+    see clients/sdk/retry.py) within ``timeout`` and a retry budget.
     """
 
     def __init__(self, target: str = "localhost:8500", *, protocol: str | None = None,
                  timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  headers: Mapping[str, str] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        super().__init__(target, protocol, timeout)
-        headers = dict(headers or {})
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, token_file: str | None = None, ca_file: str | None = None,
+                 client_cert: str | None = None, client_key: str | None = None, tls: bool | None = None,
+                 retries: RetryPolicy | int | None = RetryPolicy()) -> None:
+        security = ConnectionSecurity.create(token, token_file, ca_file, client_cert, client_key, tls)
+        super().__init__(target, protocol, timeout, security, retries, credentials)
+        headers = self._headers(headers)
         self._transport: _GrpcTransport | _HttpTransport
         if self.endpoint.protocol == "grpc":
+            if credentials is None and security.wants_tls():
+                credentials = security.grpc_credentials()
             self._transport = _GrpcTransport(self.endpoint, max_message_mb, headers, credentials)
         else:
-            self._transport = _HttpTransport(self.endpoint, headers)
+            https = self.endpoint.address.lower().startswith("https://")
+            self._transport = _HttpTransport(self.endpoint, headers,
+                                             security.ssl_context() if security.wants_tls(https) else None)
 
     def classify(self, images: Any, model: str, *, top_k: int | None = 5, ten_crop: bool | None = None,
                  timeout: float | None = None) -> ClassifyResult:
@@ -159,13 +185,25 @@ class ImageClient(ClientState):
         return SegmentResult.from_proto(self._call("Segment", request, len(encoded), timeout))
 
     def _call(self, method: str, request: Any, n_images: int, timeout: float | None) -> Any:
-        response = self._transport.infer(method, request, timeout)
+        response = self._retrying(lambda remaining: self._transport.infer(method, request, remaining), timeout)
         check_result_count(response, n_images)
         return response
 
+    def _retrying(self, attempt: Any, timeout: float | None) -> Any:
+        """Run ``attempt(remaining_timeout)`` until it succeeds or the retry policy says stop."""
+        state = self._retrier.start(timeout)
+        while True:
+            try:
+                return attempt(state.remaining())
+            except ImgserveError as exc:
+                delay = state.delay_before_retry(exc)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the gateway serves."""
-        response = self._transport.list_models(self._timeout(timeout))
+        response = self._retrying(self._transport.list_models, self._timeout(timeout))
         return [ModelInfo.from_proto(m) for m in response.models]
 
     def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:

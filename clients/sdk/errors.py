@@ -17,10 +17,14 @@ class ImgserveError(Exception):
 
     default_code = "UNKNOWN"
 
-    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None,
+                 permanent: bool = False) -> None:
         self.code: str = code or self.default_code
         self.message: str = message
         self.retry_after: float | None = retry_after
+        # permanent: retrying cannot help even though the code says "try later" (wrong port, bad certificate)
+        self.permanent: bool = permanent
+        self.attempts: int = 1  # how many times the call was sent (the SDK's retries, clients/sdk/retry.py)
         super().__init__(f"{self.code}: {message}")
 
 
@@ -48,6 +52,12 @@ class Unavailable(ImgserveError):
     default_code = "UNAVAILABLE"
 
 
+class Unauthenticated(ImgserveError):
+    """The gateway wants a bearer token and got none or a wrong one (pass token= / --token)."""
+
+    default_code = "UNAUTHENTICATED"
+
+
 class DeadlineExceeded(ImgserveError):
     """No answer within the timeout."""
 
@@ -62,12 +72,13 @@ class InternalError(ImgserveError):
 
 _BY_CODE: dict[str, type[ImgserveError]] = {
     cls.default_code: cls
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded, InternalError)
+    for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded, InternalError,
+                Unauthenticated)
 }
 
 # For HTTP answers that carry no imgserve error body (a proxy, a wrong URL).
 _CODE_BY_HTTP_STATUS: dict[int, str] = {
-    400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
@@ -106,7 +117,7 @@ def not_http(address: str) -> Unavailable:
 
     Never echoes the answer's bytes: raw HTTP/2 frames are noise to a user.
     """
-    return Unavailable(f"{address}: {HTTP_TO_GRPC_PORT_HINT}")
+    return Unavailable(f"{address}: {HTTP_TO_GRPC_PORT_HINT}", permanent=True)
 
 
 def from_grpc(code_name: str, details: str | None, trailing: Mapping[str, str | bytes] | None) -> ImgserveError:
@@ -114,7 +125,7 @@ def from_grpc(code_name: str, details: str | None, trailing: Mapping[str, str | 
     retry = parse_retry_after((trailing or {}).get("retry-after"))
     message = details or code_name.lower().replace("_", " ")
     if code_name == "UNAVAILABLE" and _GRPC_SAW_HTTP1 in message:
-        message = f"{GRPC_TO_HTTP_PORT_HINT} ({message})"
+        return Unavailable(f"{GRPC_TO_HTTP_PORT_HINT} ({message})", permanent=True)
     return error_for(code_name, message, retry)
 
 

@@ -15,7 +15,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
+from clients.sdk.connection import ConnectionSecurity
 from clients.sdk.errors import InternalError, InvalidArgument
+from clients.sdk.retry import Retrier, RetryPolicy
 
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[str, ...] = ("grpc", "http")
@@ -156,12 +158,30 @@ def metadata_pairs(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class ClientState:
-    """What ImageClient and AsyncImageClient share: the endpoint, the default timeout, closed-ness."""
+    """What ImageClient and AsyncImageClient share: the endpoint, the default timeout, closed-ness,
+    the token/TLS options and the retry policy."""
 
-    def __init__(self, target: str, protocol: str | None, timeout: float | None) -> None:
+    def __init__(self, target: str, protocol: str | None, timeout: float | None,
+                 security: ConnectionSecurity | None = None, retries: RetryPolicy | int | None = None,
+                 credentials: Any = None) -> None:
         self.endpoint = parse_target(target, protocol)
         self.timeout = timeout
+        self.security = security or ConnectionSecurity()
+        self._retrier = Retrier(retries)
         self._closed = False
+        https = self.endpoint.address.lower().startswith("https://")
+        if self.endpoint.protocol == "http" and not https and self.security.wants_tls():
+            raise ValueError(f"TLS options (ca_file, client_cert, tls=True) need an https:// URL, not "
+                             f"{self.endpoint.address}")
+        if credentials is not None and self.security.wants_tls():
+            raise ValueError("give credentials= or ca_file/client_cert/tls, not both")
+
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """User headers plus the token's authorization header (the token wins over a user one)."""
+        merged = {k: v for k, v in (headers or {}).items()
+                  if not (self.security.token and k.lower() == "authorization")}
+        merged.update(self.security.headers())
+        return merged
 
     @property
     def protocol(self) -> str:

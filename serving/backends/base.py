@@ -43,6 +43,15 @@ class Backend(abc.ABC):
     async def model_ready(self, model: str) -> bool:
         return model in await self.models() and await self.ready()
 
+    async def infer_spec(self, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run ``batch`` on the model version ``spec`` describes (what the data plane's batchers call).
+
+        Why: a backend that swaps versions in process (the embedded one, serving/reload.py) must let
+        requests admitted for the old version finish on it. Backends whose engine routes versions
+        itself (Triton) just run the model's current version.
+        """
+        return await self.infer(spec.name, batch)
+
 
 def check_outputs(spec: ModelSpec, outputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """The engine's outputs checked against ``spec.outputs``; BackendError names what differs.

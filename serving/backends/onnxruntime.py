@@ -6,6 +6,12 @@ blocks on a long inference; the batcher in front decides how much runs at once.
 A model whose calls are measured faster than ``inline_infer_ms`` (LeNet: tens of
 microseconds) runs on the event loop instead: the thread hop would cost more than
 the call itself.
+
+Models can be (re)loaded while serving (serving/reload.py drives it: poll, explicit
+load/unload, SIGHUP). A new version is loaded and warmed in a thread while the old one
+serves, then swapped in with one dict assignment; the old session stays reachable by
+version (``infer_spec``) for ``RETIRE_AFTER_S`` so requests admitted for it finish on it.
+A version that fails to load or warm up is refused and the old one keeps serving.
 """
 from __future__ import annotations
 
@@ -22,13 +28,14 @@ import onnxruntime as ort
 from serving.backends.base import Backend, check_outputs
 from serving.backends.ort_device import CPU, CUDA, Device, IoBoundRunner, Placement, parse_device, select_providers
 from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
-from serving.repository import LocalModel, ModelSpec, RepositoryError, scan_repository
+from serving.repository import CONFIG_FILE, LocalModel, ModelSpec, RepositoryError, read_model, scan_repository
 from serving.settings import Settings
 from serving.tasks import check_servable
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CPU", "CUDA", "OnnxRuntimeBackend"]
+RETIRE_AFTER_S = 120.0   # how long a replaced version stays reachable for requests admitted before the swap
 
 
 @dataclass
@@ -36,9 +43,27 @@ class _Loaded:
     spec: ModelSpec
     session: ort.InferenceSession
     path: Path
+    fingerprint: tuple[object, ...] = ()
     seconds_per_call: float | None = None   # EWMA of measured calls: decides inline vs thread
     device: Device = Device("cpu")
     runner: IoBoundRunner | None = None     # CUDA: I/O binding with pinned staging
+
+
+def fingerprint(local: LocalModel) -> tuple[object, ...]:
+    """What makes a model directory "changed": its served version and its files' sizes and mtimes."""
+    files = [local.onnx_path, local.onnx_path.parents[1] / CONFIG_FILE]
+    stats = [(f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files]
+    return (local.spec.version, *stats)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What one (re)load did to one model, for logs, the API and tests."""
+
+    model: str
+    action: str          # "loaded", "unchanged", "unloaded", "refused"
+    version: int | None
+    message: str = ""
 
 
 class OnnxRuntimeBackend(Backend):
@@ -50,6 +75,8 @@ class OnnxRuntimeBackend(Backend):
         self.settings = settings
         self.repository = Path(repository if repository is not None else settings.model_repository)
         self._models: dict[str, _Loaded] = {}
+        self._previous: dict[tuple[str, int], tuple[_Loaded, float]] = {}   # replaced versions, until when
+        self._reload_lock = asyncio.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._ready = False
 
@@ -73,6 +100,7 @@ class OnnxRuntimeBackend(Backend):
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
         self._models = {}
+        self._previous = {}
 
     def _load_all(self) -> dict[str, _Loaded]:
         try:
@@ -119,7 +147,8 @@ class OnnxRuntimeBackend(Backend):
         if inputs[spec.input_name].type != "tensor(uint8)":
             raise BackendUnavailable(f"model {spec.name!r}: input {spec.input_name!r} is "
                                      f"{inputs[spec.input_name].type}, expected tensor(uint8)")
-        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path, device=placement.device)
+        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path, fingerprint=fingerprint(local),
+                         device=placement.device)
         if placement.device.kind == "cuda":
             loaded.runner = IoBoundRunner(session, spec.input_name, spec.output_names, placement.device)
         # Warm up like Triton's model_warmup: the first run allocates and is slow. It also
@@ -130,6 +159,103 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"model {spec.name!r} fails its warm-up run: {exc.message}") from None
         loaded.seconds_per_call = None  # the warm-up allocates: its time says nothing about later calls
         return loaded
+
+    # ------------------------------------------------------------ reloading (serving/reload.py)
+
+    def repository_models(self) -> dict[str, str]:
+        """Every model directory of the repository by name, with why it cannot be read ('' when it can)."""
+        found: dict[str, str] = {}
+        if not self.repository.is_dir():
+            return found
+        for child in sorted(self.repository.iterdir()):
+            if child.is_dir() and (child / CONFIG_FILE).is_file():
+                try:
+                    read_model(child)
+                    found[child.name] = ""
+                except RepositoryError as exc:
+                    found[child.name] = str(exc)
+        return found
+
+    def loaded_versions(self) -> dict[str, int]:
+        return {name: m.spec.version for name, m in self._models.items()}
+
+    async def load_model(self, name: str) -> ReloadOutcome:
+        """Load (or reload, when changed) one model from the repository; a failure keeps the old one."""
+        async with self._reload_lock:
+            return await self._load_one(name)
+
+    async def unload_model(self, name: str) -> ReloadOutcome:
+        async with self._reload_lock:
+            return self._unload(name)
+
+    async def poll(self, *, only_loaded: bool = False, unload_missing: bool = True) -> list[ReloadOutcome]:
+        """Bring the served models in line with the repository: new and changed ones (re)loaded,
+        removed ones unloaded (``unload_missing``); ``only_loaded`` looks only at models already served."""
+        async with self._reload_lock:
+            present = await asyncio.to_thread(self.repository_models)
+            names = set(self._models) if only_loaded else set(present) | set(self._models)
+            outcomes = []
+            for name in sorted(names):
+                if name not in present:
+                    if unload_missing and name in self._models:
+                        outcomes.append(self._unload(name))
+                    continue
+                outcomes.append(await self._load_one(name))
+            return outcomes
+
+    async def _load_one(self, name: str) -> ReloadOutcome:
+        current = self._models.get(name)
+        model_dir = self.repository / name
+        try:
+            local = await asyncio.to_thread(read_model, model_dir)
+            if current is not None and current.fingerprint == fingerprint(local):
+                return ReloadOutcome(name, "unchanged", current.spec.version)
+            loaded = await asyncio.to_thread(self._load, local)   # parse, optimise and warm up, off the loop
+        except (RepositoryError, BackendUnavailable, OSError) as exc:
+            message = exc.message if isinstance(exc, BackendUnavailable) else str(exc)
+            if current is not None:
+                log.error("model %s: refusing the new version in %s (%s); version %d keeps serving",
+                          name, model_dir, message, current.spec.version)
+            else:
+                log.error("model %s: cannot load %s (%s)", name, model_dir, message)
+            return ReloadOutcome(name, "refused", current.spec.version if current else None, message)
+        self._grow_executor(loaded.spec.instance_count)
+        if current is not None:
+            self._retire(current)
+        self._models = {**self._models, name: loaded}        # the swap: one assignment
+        log.info("model %s: version %d loaded and warmed up%s", name, loaded.spec.version,
+                 f" (replacing version {current.spec.version})" if current else "")
+        return ReloadOutcome(name, "loaded", loaded.spec.version)
+
+    def _unload(self, name: str) -> ReloadOutcome:
+        current = self._models.get(name)
+        if current is None:
+            return ReloadOutcome(name, "unchanged", None, "not loaded")
+        self._retire(current)
+        self._models = {k: v for k, v in self._models.items() if k != name}
+        log.info("model %s: version %d unloaded", name, current.spec.version)
+        return ReloadOutcome(name, "unloaded", current.spec.version)
+
+    def _retire(self, old: _Loaded) -> None:
+        now = time.monotonic()
+        self._previous = {key: value for key, value in self._previous.items() if value[1] > now}
+        self._previous[(old.spec.name, old.spec.version)] = (old, now + RETIRE_AFTER_S)
+
+    def _grow_executor(self, instances: int) -> None:
+        executor = self._executor
+        if executor is not None:
+            wanted = sum(m.spec.instance_count for m in self._models.values()) + instances
+            if wanted > executor._max_workers:  # ThreadPoolExecutor grows lazily up to this
+                executor._max_workers = wanted
+
+    async def infer_spec(self, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run on the version ``spec`` names: the current one, or a replaced one still retiring."""
+        current = self._models.get(spec.name)
+        if current is None or current.spec.version != spec.version:
+            retired = self._previous.get((spec.name, spec.version))
+            if retired is not None:
+                return await self._infer_loaded(retired[0], batch)
+        return await self.infer(spec.name, batch)
 
     # ------------------------------------------------------------ serving
 
@@ -145,7 +271,11 @@ class OnnxRuntimeBackend(Backend):
             if not self._ready:
                 raise BackendUnavailable("onnxruntime backend is not started")
             raise ModelNotFound(f"model {model!r} is not served; available: {', '.join(sorted(self._models))}")
+        return await self._infer_loaded(loaded, batch)
+
+    async def _infer_loaded(self, loaded: _Loaded, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = loaded.spec
+        model = spec.name
         if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
             raise InvalidInput(f"model {model!r} takes uint8 input, got {getattr(batch, 'dtype', type(batch))}")
         if batch.ndim != 4 or batch.shape[0] < 1 or batch.shape[1:] != spec.input_shape:

@@ -14,7 +14,17 @@ Why this shape:
 * Several URLs (``settings.triton_urls``) are used round-robin. A background
   task checks every server each ``settings.triton_health_interval_s``; a call that
   fails with UNAVAILABLE marks its server unhealthy and is retried once on the
-  next healthy server. Batches larger than a model's ``max_batch_size`` are split
+  next healthy server.
+* Each server has a circuit breaker (serving/breaker.py). A probe that fails or takes
+  longer than ``settings.triton_probe_timeout_s`` (a dead or SIGSTOPped Triton) opens it:
+  calls in flight there are aborted with UNAVAILABLE and no new call is sent until a
+  probe succeeds again, so a hung Triton costs milliseconds, not deadlines.
+* The call's ``client_timeout`` is what is left of the latest deadline in the batch
+  (serving.batcher.BATCH_DEADLINE), so the client's deadline reaches Triton.
+* A model Triton briefly does not list (it is reloading it: a new version, a config
+  change) stays known for ``MISSING_GRACE_S``; calls for it wait up to ``RELOAD_WAIT_S``
+  for it to be READY again and otherwise get UNAVAILABLE - never NOT_FOUND, and other
+  models are not touched. Batches larger than a model's ``max_batch_size`` are split
   into chunks that are sent concurrently (and so spread across servers).
 * With ``settings.triton_resolve_interval_s`` > 0 each URL's host is a DNS name that may
   stand for many servers (a Kubernetes headless Service): it is resolved at start and again
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +48,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from serving.backends.base import Backend, check_outputs
+from serving.batcher import BATCH_DEADLINE
+from serving.breaker import CircuitBreaker
 from serving.backends.triton_discovery import Resolver, discover, resolve_addresses
 from serving.errors import (
     BackendError,
@@ -54,7 +67,16 @@ from serving.tasks import check_servable
 log = logging.getLogger(__name__)
 
 # gRPC reconnect backoff is capped so a Triton that comes back is seen within about a health interval.
-_MAX_RECONNECT_BACKOFF_MS = 2000
+_MAX_RECONNECT_BACKOFF_MS = 500
+# A model missing from Triton's index (reloading) stays served this long, and a call for it waits
+# up to RELOAD_WAIT_S for it to come back before answering UNAVAILABLE.
+MISSING_GRACE_S = 30.0
+RELOAD_WAIT_S = 2.0
+
+
+class ModelReloading(BackendUnavailable):
+    """A known model is not READY on any server right now (Triton is loading it): retryable, and not the
+    server's fault, so it does not open the server's breaker."""
 
 
 def channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -119,6 +141,16 @@ class _Server:
     healthy: bool = False
     models: dict[str, int] = field(default_factory=dict)   # READY model name -> served version
     last_error: str = ""
+    breaker: CircuitBreaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.breaker = CircuitBreaker(f"Triton {self.url}")
+
+    def mark_down(self, reason: str) -> None:
+        """Not healthy, and its breaker open: calls in flight there end now with UNAVAILABLE."""
+        self.healthy = False
+        self.last_error = reason
+        self.breaker.trip(reason)
 
 
 class TritonBackend(Backend):
@@ -138,7 +170,8 @@ class TritonBackend(Backend):
         self._health_task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._call_timeout_s = max(1.0, settings.request_timeout_s)
-        self._probe_timeout_s = min(5.0, max(0.5, settings.triton_health_interval_s))
+        self._probe_timeout_s = settings.triton_probe_timeout_s
+        self._last_ready: dict[str, float] = {}    # model -> when a healthy server last listed it READY
         self._resolver = resolver
         self._resolve_interval_s = settings.triton_resolve_interval_s
         self._next_resolve = 0.0
@@ -255,14 +288,18 @@ class TritonBackend(Backend):
                     if entry.state == "READY" and entry.version.isdigit():
                         models[entry.name] = max(models.get(entry.name, 0), int(entry.version))
             server.models = models
-            server.healthy = bool(ready)
-            server.last_error = "" if ready else "server not ready"
+            if ready:
+                now = time.monotonic()
+                self._last_ready.update((name, now) for name in models)
+                server.healthy = True
+                server.last_error = ""
+                server.breaker.reset()
+            else:
+                server.mark_down("server not ready")
         except InferenceServerException as exc:
-            server.healthy = False
-            server.last_error = exc.message() or str(exc)
+            server.mark_down(exc.message() or str(exc))
         except Exception as exc:  # a probe must never take the other servers' probes down with it
-            server.healthy = False
-            server.last_error = f"{type(exc).__name__}: {exc}"
+            server.mark_down(f"{type(exc).__name__}: {exc}")
         if was != server.healthy:
             level = logging.INFO if server.healthy else logging.WARNING
             log.log(level, "Triton %s is now %s%s", server.url, "healthy" if server.healthy else "UNHEALTHY",
@@ -322,7 +359,10 @@ class TritonBackend(Backend):
 
     async def models(self) -> dict[str, ModelSpec]:
         served = {name for s in self._servers for name in s.models}
-        return {name: spec for name, spec in self._specs.items() if name in served}
+        recent = time.monotonic() - MISSING_GRACE_S
+        # a model Triton is reloading stays known (its calls wait or get UNAVAILABLE, not NOT_FOUND)
+        return {name: spec for name, spec in self._specs.items()
+                if name in served or self._last_ready.get(name, -1e18) >= recent}
 
     async def ready(self) -> bool:
         return any(s.healthy and any(n in self._specs for n in s.models) for s in self._servers)
@@ -335,7 +375,7 @@ class TritonBackend(Backend):
 
     async def infer(self, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = self._specs.get(model)
-        if spec is None or not any(model in s.models for s in self._servers):
+        if spec is None or model not in await self.models():
             raise ModelNotFound(f"model {model!r} is not served by Triton")
         self._check_batch(spec, batch)
         batch = np.ascontiguousarray(batch)
@@ -365,19 +405,43 @@ class TritonBackend(Backend):
                 return server
         return None
 
+    def _reload_budget_end(self) -> float:
+        """How long a call may wait for a reloading model: RELOAD_WAIT_S, cut by the batch's deadline."""
+        end = time.monotonic() + RELOAD_WAIT_S
+        deadline = BATCH_DEADLINE.get()
+        return end if deadline is None else min(end, deadline)
+
     async def _infer_with_retry(self, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
         tried: set[str] = set()
         last: ServingError | None = None
-        for _attempt in range(2):
+        reload_end: float | None = None
+        attempts = 0
+        while attempts < 2:
             server = self._pick(spec.name, tried)
             if server is None:
+                if (any(s.healthy for s in self._servers) and not any(spec.name in s.models for s in self._servers)
+                        and spec.name in self._specs):
+                    # no healthy server lists the model READY right now: Triton is (re)loading it
+                    reload_end = reload_end or self._reload_budget_end()
+                    if time.monotonic() < reload_end:
+                        await asyncio.sleep(0.05)
+                        continue
+                    raise ModelReloading(f"model {spec.name!r} is being loaded by Triton; retry shortly")
                 break
             tried.add(server.url)
+            attempts += 1
             try:
                 return await self._infer_once(server, spec, batch)
+            except ModelReloading as exc:
+                # that server is reloading the model: other models and servers are fine; try again
+                reload_end = reload_end or self._reload_budget_end()
+                last = exc
+                if time.monotonic() < reload_end:
+                    tried.discard(server.url)
+                    attempts -= 1
+                    await asyncio.sleep(0.05)
             except BackendUnavailable as exc:
-                server.healthy = False
-                server.last_error = exc.message
+                server.mark_down(exc.message)
                 log.warning("Triton %s failed a call (%s); marked unhealthy", server.url, exc.message)
                 last = exc
         if last is not None:
@@ -388,12 +452,22 @@ class TritonBackend(Backend):
     async def _infer_once(self, server: _Server, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
         tensor = InferInput(spec.input_name, list(batch.shape), "UINT8")
         tensor.set_data_from_numpy(batch)
+        timeout = self._call_timeout_s
+        deadline = BATCH_DEADLINE.get()
+        if deadline is not None:   # the client's deadline travels to Triton
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineExceeded(f"deadline passed before the call to Triton for model {spec.name!r}")
         try:
-            result = await server.client.infer(
+            result = await server.breaker.guard(server.client.infer(
                 spec.name, [tensor], outputs=[InferRequestedOutput(name) for name in spec.output_names],
-                client_timeout=self._call_timeout_s)
+                client_timeout=timeout))
         except InferenceServerException as exc:
-            raise map_error(exc, model=spec.name, url=server.url) from None
+            error = map_error(exc, model=spec.name, url=server.url)
+            if isinstance(error, ModelNotFound) and spec.name in self._specs:
+                raise ModelReloading(f"model {spec.name!r} is not loaded on Triton at {server.url} "
+                                     f"(reloading?); retry shortly") from None
+            raise error from None
         except grpc.RpcError as exc:  # not wrapped by tritonclient (e.g. channel closed)
             raise BackendUnavailable(f"Triton at {server.url}: {exc}") from None
         found = {name: value for name in spec.output_names if (value := result.as_numpy(name)) is not None}

@@ -124,12 +124,32 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> v2.RepositoryIndexResponse:
         with self._metrics.request("grpc.v2.RepositoryIndex", "") as record:
+            control = self._dataplane.model_control
+            if control is not None:   # the embedded backend: unloaded repository models are listed too
+                entries = await guarded(context, record, control.index())
+                return v2.RepositoryIndexResponse(models=[
+                    v2.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state,
+                                                          reason=e.reason)
+                    for e in entries if not request.ready or e.state == "READY"])
             statuses = await guarded(context, record, self._dataplane.list_models())
             models = [v2.RepositoryIndexResponse.ModelIndex(
                 name=s.spec.name, version=str(s.spec.version), state="READY" if s.ready else "UNAVAILABLE")
                 for s in sorted(statuses, key=lambda s: s.spec.name)
                 if not request.ready or s.ready]
             return v2.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> v2.RepositoryModelLoadResponse:
+        """Load or reload a model (--model-control-mode explicit; serving/reload.py)."""
+        with self._metrics.request("grpc.v2.RepositoryModelLoad", request.model_name) as record:
+            await guarded(context, record, repository_call(self._dataplane, "load", request.model_name))
+            return v2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> v2.RepositoryModelUnloadResponse:
+        with self._metrics.request("grpc.v2.RepositoryModelUnload", request.model_name) as record:
+            await guarded(context, record, repository_call(self._dataplane, "unload", request.model_name))
+            return v2.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: v2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> v2.ModelInferResponse:
@@ -155,6 +175,18 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             self._dataplane, request.model_name, request.model_version, request_images(request),
             params=params, outputs=requested_outputs(request),
             deadline=oip.deadline_from(call_deadline(context), timeout_us))
+
+
+async def repository_call(dataplane: DataPlane, action: str, model: str) -> None:
+    """``load`` or ``unload`` through the model control; a clear error where there is none (Triton)."""
+    control = dataplane.model_control
+    if control is None:
+        from serving.reload import NotAllowed
+        raise NotAllowed(f"model {action} is not offered with the {dataplane.backend.name} backend; "
+                         f"use the backend's own repository API")
+    if not model:
+        raise InvalidInput("the request names no model (field 'model_name')")
+    await (control.load(model) if action == "load" else control.unload(model))
 
 
 def _unimplemented(name: str) -> Callable[..., Awaitable[None]]:

@@ -13,6 +13,7 @@ HTTP status from serving/errors.py; under ``/v2`` they take the protocol's own s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -27,12 +28,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from serving.dataplane import DataPlane, ModelStatus
-from serving.errors import InvalidInput, ServingError, advertised_retry_after
+from serving.errors import InvalidInput, ServingError, Unauthenticated, advertised_retry_after
 from serving.metrics import Metrics
+from serving.security import AuthPolicy
 from serving.settings import Settings
 from serving.transports import oip
 from serving.tasks import HANDLERS, TaskHandler
 from serving.transports.grpc_v1 import list_models_response, run_v1
+from serving.transports.auth import auth_middleware
+from serving.transports.grpc_v2 import repository_call
 from serving.transports.observe import UNKNOWN_MODEL, observe
 from serving.transports.openapi import build_openapi
 
@@ -44,6 +48,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 INTERNAL_MESSAGE = "internal error in the gateway (the server log has the details)"
 
 Readiness = Callable[[], Awaitable[bool]]
+# Seconds a request body may take to arrive (settings.http_body_timeout_s), kept on the app so
+# read_body needs no settings argument.
+BODY_TIMEOUT_KEY = web.AppKey("imgserve_body_timeout_s", float)
 
 
 class HttpProblem(ServingError):
@@ -103,6 +110,7 @@ _STATUS_CODES: dict[int, grpc.StatusCode] = {
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -117,7 +125,12 @@ async def error_middleware(request: web.Request,
     try:
         return await handler(request)
     except ServingError as exc:
-        return error_response(request, exc.http_status, exc.code_name, exc.message, exc.retry_after_s)
+        response = error_response(request, exc.http_status, exc.code_name, exc.message, exc.retry_after_s)
+        if isinstance(exc, Unauthenticated):
+            response.headers["WWW-Authenticate"] = exc.challenge
+        if exc.http_status == 408:
+            response.force_close()  # no keep-alive after a late body (http_server.py closes at once)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -140,10 +153,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                           http_status=413, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
     if request.content_length is not None and request.content_length > limit:
         raise too_big
+    timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_big from None
+    except TimeoutError:
+        raise HttpProblem(f"the request body did not arrive within {timeout_s:g} s (--http-body-timeout-s)",
+                          http_status=408, grpc_code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
 
 
 def require_json(request: web.Request) -> None:
@@ -255,6 +273,8 @@ def v2_images(doc: dict[str, Any], binary: bytes) -> list[bytes]:
 def v2_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput], bool]:
     """Requested outputs and the request-wide binary default (``binary_data_output``)."""
     params = doc.get("parameters") or {}
+    if not isinstance(params, dict):  # found by tests/test_fuzz.py: {"parameters": true} was a 500
+        raise InvalidInput("request 'parameters' must be a JSON object")
     binary_default = oip.bool_parameter("binary_data_output", params.get("binary_data_output", False))
     outs: list[oip.RequestedOutput] = []
     raw = doc.get("outputs") or []
@@ -367,10 +387,24 @@ class HttpApi:
         with observe(self.metrics, "http.v2.index", ""):
             body = await read_body(request, self.settings.max_message_bytes)
             only_ready = bool(parse_json_object(body, "request body").get("ready", False)) if body.strip() else False
+            control = self.dataplane.model_control
+            if control is not None:   # the embedded backend: unloaded repository models are listed too
+                return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                                      for e in await control.index() if not only_ready or e.state == "READY"])
             statuses = sorted(await self.dataplane.list_models(), key=lambda s: s.spec.name)
             return json_response([{"name": s.spec.name, "version": str(s.spec.version),
                                    "state": "READY" if s.ready else "UNAVAILABLE"}
                                   for s in statuses if not only_ready or s.ready])
+
+    async def v2_repository_model(self, action: str, request: web.Request) -> web.Response:
+        """POST /v2/repository/models/{model}/load|unload (--model-control-mode explicit)."""
+        model = request.match_info["model"]
+        with observe(self.metrics, f"http.v2.{action}", model):
+            body = await read_body(request, self.settings.max_message_bytes)
+            if body.strip():
+                parse_json_object(body, "request body")   # Triton's optional {"parameters": ...}
+            await repository_call(self.dataplane, action, model)
+            return json_response({})
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -422,10 +456,15 @@ class HttpApi:
 
 
 def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
-               readiness: Readiness | None = None) -> web.Application:
-    """The aiohttp application; the body limit is settings.max_message_bytes (413 beyond it)."""
+               readiness: Readiness | None = None, auth: AuthPolicy | None = None) -> web.Application:
+    """The aiohttp application; the body limit is settings.max_message_bytes (413 beyond it).
+
+    With ``auth`` every route outside its exemptions needs a bearer token (401 otherwise).
+    """
     api = HttpApi(dataplane, metrics, settings, readiness)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_message_bytes)
+    middlewares = [error_middleware] + ([auth_middleware(auth)] if auth is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_message_bytes)
+    app[BODY_TIMEOUT_KEY] = settings.http_body_timeout_s
     r = app.router
     for handler in HANDLERS.values():
         r.add_post(f"/v1/{handler.v1_method.lower()}", api.v1_route(handler))
@@ -434,6 +473,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, settings: Settings,
     r.add_get("/v2/health/live", api.v2_live)
     r.add_get("/v2/health/ready", api.v2_ready)
     r.add_post("/v2/repository/index", api.v2_repository_index)
+    for action in ("load", "unload"):
+        r.add_post(f"/v2/repository/models/{{model}}/{action}", functools.partial(api.v2_repository_model, action))
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(base, api.v2_model_metadata)
         r.add_get(base + "/ready", api.v2_model_ready)

@@ -176,6 +176,13 @@ def build_openapi(version: str) -> Schema:
                                                    "400": {"description": "not ready"}}}},
         "/v2/repository/index": {"post": {"operationId": "v2RepositoryIndex", "summary": "Served models",
                                           "responses": {"200": _json("V2RepositoryIndex", "the models")}}},
+        **{f"/v2/repository/models/{{model}}/{action}": {"post": {
+            "operationId": f"v2Repository{action.capitalize()}", "parameters": [model_param],
+            "summary": f"{action.capitalize()} a model (--model-control-mode explicit; docs/reliability.md)",
+            "responses": {"200": {"description": f"{action}ed"}, "400": {"description": "not allowed in this mode"},
+                          "404": {"description": "no such model in the repository"},
+                          "500": {"description": "the new version failed to load; the old one keeps serving"}}}}
+           for action in ("load", "unload")},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
                              "responses": {"200": {"description": "Prometheus text exposition",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

@@ -191,7 +191,7 @@ class DataPlane:
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,
             metrics=self.metrics, backend_name=self.backend.name,
-            max_concurrent_batches=max(1, spec.instance_count),
+            max_concurrent_batches=max(1, spec.instance_count) * max(1, self.backend.calls_per_instance),
             item_shape=spec.input_shape, item_dtype=np.uint8)
         await batcher.start()
         self._batchers[spec.name] = (spec, batcher)

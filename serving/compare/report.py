@@ -82,7 +82,9 @@ def plot(cells: list[CellSummary], path: str | Path, title: str = "") -> Path:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,14 +167,17 @@ async def run_compare(config: CompareConfig, progress: Progress | None = _stderr
         say(f"compare: starting servers for {', '.join(config.paths)}")
         with servers(config, repo) as urls:
             opened: dict[tuple[str, str, int], P.MeasuredPath] = {}
+            payloads: dict[tuple[str, int], list[bytes]] = {}
             try:
                 for rnd in range(config.rounds):
                     for model in config.models:
                         spec = specs[model]
                         for size in config.image_sizes:
                             side = size_of(spec, size)
-                            images = synthetic_images(config.image_count, side, spec.preprocess.channels,
-                                                      fmt=config.image_format)
+                            images = payloads.get((model, side))
+                            if images is None:   # the same images for every path and round
+                                images = payloads[(model, side)] = synthetic_images(
+                                    config.image_count, side, spec.preprocess.channels, fmt=config.image_format)
                             for conc in config.concurrency:
                                 k = rnd % len(config.paths)
                                 for name in config.paths[k:] + config.paths[:k]:
@@ -197,8 +201,6 @@ async def run_compare(config: CompareConfig, progress: Progress | None = _stderr
 
 
 def _cpu() -> float:
-    import time
-
     return time.process_time()
 
 

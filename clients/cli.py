@@ -21,10 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.cli", "start the gateway (gRPC + HTTP/JSON + /metrics)"),
     "triton-local": ("serving.triton_local", "run a real Triton server over a model repository"),
     "build-repo": ("export.build_repo", "train and export the default model repository"),
-    "train": ("export.train", "train a registered classifier on an ImageFolder"),
+    "train": ("export.train", "train a registered classifier, detector or segmenter"),
     "export": ("export.export_cli", "export a registered model (random, file or torchvision weights)"),
     "wrap-onnx": ("export.wrap_onnx", "wrap an existing ONNX classifier into the model repository format"),
-    "make-dataset": ("export.data.make_dataset", "generate a learnable dataset (shapes) as an ImageFolder"),
+    "eval": ("export.evaluation.cli", "score a detector (COCO mAP) or segmenter (mIoU) on held-out data"),
+    "make-dataset": ("export.data.make_dataset", "generate a learnable dataset: shapes (ImageFolder) or scenes (COCO + VOC masks)"),
 }
 
 

@@ -29,6 +29,8 @@ class ModelEntry:
 
     resize/crop: the default S and C (resize shorter side to S, crop C x C).
     torchvision_name: the torchvision builder whose weight enums and state_dicts apply.
+    geometry: how the gateway fits an image to the input: "crop" (resize S, crop C) or
+        "letterbox" (fit into S x S keeping the aspect ratio, padded; detection and segmentation).
     pad_to: the spatial size the network itself consumes when it is larger than crop; the
         crop is zero-padded (black) to pad_to x pad_to before normalization, in training and
         inside the exported graph alike (LeNet-5: 28 -> 32).
@@ -45,6 +47,7 @@ class ModelEntry:
     ten_crop_default: bool = False
     torchvision_name: str | None = None
     pad_to: int | None = None
+    geometry: str = "crop"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -53,12 +56,13 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, *, resize: int, crop: int, channels: int = 3,
                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                    task: str = "classification", ten_crop_default: bool = False,
-                   torchvision_name: str | None = None, pad_to: int | None = None) -> Callable[[Builder], Builder]:
+                   torchvision_name: str | None = None, pad_to: int | None = None,
+                   geometry: str = "crop") -> Callable[[Builder], Builder]:
     def decorate(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelEntry(name, fn, resize, crop, channels, tuple(mean), tuple(std), task,
-                                     ten_crop_default, torchvision_name, pad_to)
+                                     ten_crop_default, torchvision_name, pad_to, geometry)
         return fn
     return decorate
 
@@ -79,6 +83,8 @@ def create_model(name: str, num_classes: int, init: str | None = "kaiming") -> n
     model = get_entry(name).builder(num_classes)
     if init is not None:
         init_weights(model, init)
+        if hasattr(model, "reset_heads"):  # heads with their own priors (CenterNet's heatmap bias)
+            model.reset_heads()
     return model
 
 
@@ -330,3 +336,7 @@ def cifar_alexnet(num_classes: int) -> nn.Module:
 @register_model("cifar_densenet_bc", resize=36, crop=32)
 def cifar_densenet_bc(num_classes: int) -> nn.Module:
     return CifarDenseNet(DENSENET_BC_DEPTH, num_classes)
+
+
+# The detection and segmentation networks register themselves on import (they use register_model above).
+from export import dense_models as _dense_models  # noqa: E402,F401

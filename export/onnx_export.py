@@ -114,10 +114,11 @@ def build_serving_graph(model: nn.Module, entry: ModelEntry, crop: int | None = 
 
 
 def export_onnx(graph: ServingGraph, path: Path, *, crop: int, channels: int, example_batch: int = 2,
-                check: bool = True) -> Path:
+                check: bool = True, output_names: Sequence[str] = (OUTPUT_NAME,)) -> Path:
     """Trace ``graph`` into an ONNX file with a dynamic batch axis (TorchScript exporter, opset 17).
 
     ``check`` runs the ONNX checker on the file (check_parity does so too, so callers that run it can skip this).
+    ``output_names`` name the graph's outputs in order (detectors and segmenters have several).
     """
     if example_batch < 2:
         raise ValueError("example_batch must be >= 2 so the exporter cannot specialise the batch axis to 1")
@@ -127,8 +128,8 @@ def export_onnx(graph: ServingGraph, path: Path, *, crop: int, channels: int, ex
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             graph, (example,), str(path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=list(output_names),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     if check:

@@ -1,5 +1,8 @@
 """``imgserve train``: train a registered classifier on an ImageFolder, the AlexNet/ResNet recipe.
 
+Detectors and segmenters have sibling recipes (export/recipes/); ``main`` hands them the command
+line when ``--task``, the config's ``task`` or the task of ``--model`` says so.
+
     imgserve train --model resnet18 --data DIR --resize 72 --crop 64 --epochs 6 --output runs/r18
     imgserve train --config configs/resnet18_shapes.yaml --lr 0.05        # flags override the config
     imgserve train --resume runs/r18/last.pt --epochs 8                   # continue where it stopped
@@ -46,6 +49,7 @@ from export.engine import (MetricsLog, load_checkpoint, save_checkpoint, seed_ev
                            train_one_epoch, validate)
 from export.models import ModelEntry, create_model, get_entry, list_models
 from export.progress import progress_bar
+from export.recipes import TASKS as RECIPE_TASKS
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.pt"
@@ -54,7 +58,9 @@ LABELS = "labels.txt"
 SCHEDULES = ("cosine", "step", "constant")
 INITS = ("kaiming", "lecun")
 # Options that say where a run is, not what it is: never written to config.yaml.
-_NOT_SAVED = {"config", "resume", "overwrite", "export_to", "name", "progress", "export_gpu", "stop_after"}
+_NOT_SAVED = {"config", "resume", "overwrite", "export_to", "name", "progress", "export_gpu", "stop_after", "task"}
+# Tasks with their own recipe (export/recipes/), reached through main().
+DENSE_TASKS = RECIPE_TASKS
 
 
 class TrainError(RuntimeError):
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help="YAML file of options (keys are flag names, '-' or '_'); flags override it")
+    parser.add_argument("--task", choices=("classification", *DENSE_TASKS), default="classification",
+                        help="the recipe: detection and segmentation have their own options "
+                             "(imgserve train --task detection --help); default: the task of --model")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", type=Path, default=None, help="directory holding train/ and val/ (one folder per class)")
@@ -206,6 +215,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.task != "classification":
+        raise TrainError(f"--task {args.task} has its own recipe: run it through imgserve train (export.train.main)")
     try:
         entry = get_entry(args.model)
     except KeyError as exc:
@@ -569,7 +580,38 @@ def train(args: argparse.Namespace) -> TrainResult:
     return result
 
 
+def task_of(argv: Sequence[str]) -> str:
+    """The recipe a command line asks for: --task, else the config file's ``task``, else the task of --model
+    (flag, then config), else classification. Unreadable configs fall through to the classifier's errors."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", type=Path, default=None)
+    pre.add_argument("--task", default=None)
+    pre.add_argument("--model", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    config: dict[str, Any] = {}
+    if known.config is not None and known.config.is_file():
+        try:
+            loaded = yaml.safe_load(known.config.read_text())
+            config = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            config = {}
+    task = known.task or config.get("task")
+    if task is None:
+        model = known.model or config.get("model")
+        try:
+            task = get_entry(str(model)).task if model is not None else "classification"
+        except KeyError:
+            task = "classification"
+    return str(task)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = task_of(argv)
+    if task in DENSE_TASKS:
+        from export.recipes import common, load_task
+
+        return common.main(load_task(task), argv)
     args = parse_args(argv)
     try:
         result = train(args)

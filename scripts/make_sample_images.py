@@ -7,6 +7,8 @@ come from data the project already packages, so no download is involved:
   taken from the held-out split that ``lenet5`` never trains on;
 * ``shape_*.png``: our shapes generator (``export/data/shapes.py``), drawn from its
   ``test`` split, which ``build-repo`` never generates, so ``resnet20`` has not seen them;
+* ``scene_*.png/jpg``: our scenes generator (``export/data/scenes.py``), its ``test`` split, for
+  ``centernet_scenes`` and ``unet_scenes`` (``scene_2.jpg`` is upscaled 3x, a size they never train on);
 * ``flower.jpg``: scikit-learn's bundled sample photo (CC BY 2.0), downscaled.
 
 Run from the repository root: ``python scripts/make_sample_images.py [--out examples/images]``.
@@ -45,6 +47,22 @@ def shape_images() -> dict[str, bytes]:
     return {f"shape_{name}.png": png(generate(config, "test", config.class_names.index(name), 0)) for name in SHAPES}
 
 
+SCENE_UPSCALE = 3  # scene_2.jpg: a larger JPEG, so boxes and masks come back at a size the model never sees
+
+
+def scene_images() -> dict[str, bytes]:
+    """Two scenes of the generator's ``test`` split (``build-repo`` generates none of it)."""
+    from export.data.scenes import ScenesConfig, generate_scene
+
+    config = ScenesConfig()
+    first = generate_scene(config, "test", 0).image
+    second = generate_scene(config, "test", 1).image
+    second = second.resize((second.width * SCENE_UPSCALE, second.height * SCENE_UPSCALE), Image.LANCZOS)
+    buffer = io.BytesIO()
+    second.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return {"scene_1.png": png(first), "scene_2.jpg": buffer.getvalue()}
+
+
 def photo_images() -> dict[str, bytes]:
     from sklearn.datasets import load_sample_image
 
@@ -63,7 +81,7 @@ def png(image: Image.Image) -> bytes:
 
 def sample_images() -> dict[str, bytes]:
     """File name -> encoded bytes of every sample image."""
-    return {**digit_images(), **shape_images(), **photo_images()}
+    return {**digit_images(), **shape_images(), **scene_images(), **photo_images()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""``imgserve train --task detection|segmentation`` end to end at toy size: dispatch, config files, metrics,
+export through the repository, ``imgserve eval`` on the export; the shipped configs equal the default build."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from export.build_repo import SCENE_RECIPES
+from export.data.make_dataset import make_scenes
+from export.evaluation.cli import main as eval_main
+from export.recipes import common, load_task
+from export.train import main, task_of
+from serving.repository import read_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["--epochs", "2", "--batch-size", "8", "--threads", "1", "--no-progress", "--val-split", "test"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy_scenes") / "scenes"
+    make_scenes(root, train=24, val=0, test=10, seed=2, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("task, model, metric", [("detection", "centernet_tiny", "map"),
+                                                 ("segmentation", "unet_tiny", "miou")])
+def test_toy_run_trains_exports_and_evaluates(scenes: Path, tmp_path: Path, task: str, model: str, metric: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({"model": model, "lr": 0.003, "epochs": 5}))  # the task comes from the model
+    out, repo = tmp_path / "run", tmp_path / "repo"
+    assert main(["--config", str(config), "--data", str(scenes), *TOY, "--output", str(out),
+                 "--export-to", str(repo), "--name", "toy"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]  # the flag beat the file
+    assert all(f"val_{metric}" in r and "train_loss" in r for r in metrics["epochs"])
+    assert metrics["summary"]["task"] == task and metrics["summary"]["export_path"]
+    with Image.open(out / "metrics.png") as png:
+        assert png.format == "PNG"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["task"] == task and saved["model"] == model and saved["lr"] == 0.003
+    spec = read_model(repo / "toy").spec
+    assert spec.task == task and spec.preprocess.geometry == "letterbox"
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert eval_main(["--model-repository", str(repo), "--model", "toy", "--data", str(scenes), "--split", "test",
+                      "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads(report.read_text())
+    assert scores["task"] == task and scores["images"] == 10
+    assert ("mAP@0.5" in printed) if task == "detection" else ("mIoU" in printed)
+    # The eval of the exported ONNX file, through the gateway's letterbox, is what training's validation said.
+    assert scores[metric] == pytest.approx(metrics["summary"][f"val_{metric}"], abs=1e-3)
+
+
+def test_task_comes_from_the_flag_the_config_or_the_model(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": "segmentation"}))
+    assert task_of(["--model", "centernet_tiny"]) == "detection"
+    assert task_of(["--config", str(config)]) == "segmentation"
+    assert task_of(["--task", "detection", "--config", str(config)]) == "detection"
+    assert task_of(["--model", "resnet18"]) == task_of([]) == "classification"
+
+
+def test_model_of_another_task_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--task", "detection", "--model", "unet_tiny", "--data", "x"])
+    assert "is a segmentation model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(SCENE_RECIPES))
+def test_shipped_configs_match_the_default_repository_builders(name: str) -> None:
+    """configs/<name>.yaml is exactly what build-repo trains; configs/<name>_full.yaml (the 3-minute recipe)
+    differs only in training length."""
+    recipe = SCENE_RECIPES[name]
+    shipped = yaml.safe_load((ROOT / "configs" / recipe.config_file).read_text())
+    assert {k: str(v) for k, v in shipped.items()} == recipe.options
+    full = yaml.safe_load((ROOT / "configs" / f"{name}_full.yaml").read_text())
+    assert {k: str(v) for k, v in full.items() if k != "epochs"} == {k: v for k, v in recipe.options.items() if k != "epochs"}
+    task = load_task(recipe.options["task"])
+    for path in (recipe.config_file, f"{name}_full.yaml"):
+        args = common.parse_args(task, ["--config", str(ROOT / "configs" / path), "--data", "x"])
+        assert args.model == recipe.options["model"]

@@ -43,6 +43,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--ten-crop-default", action=argparse.BooleanOptionalAction, default=None,
                    help="use 10-crop when a request does not say (default: the registry's)")
     p.add_argument("--gpu", action="store_true", help="serve on KIND_GPU Triton instances")
+    p.add_argument("--fp16", action="store_true",
+                   help="FP16 weights with uint8/FP32 I/O, checked against FP32 (top-1 agreement, probability "
+                        "tolerance); halves the file, for GPUs")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="with --gpu: Triton runs the model with its TensorRT accelerator at FP16 precision")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--no-download", action="store_true",
                    help="use torchvision weights only from the torch hub cache, never the network")
@@ -92,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.model_repository = Settings.from_env().model_repository
     start = time.perf_counter()
+    if args.tensorrt and not args.gpu:
+        print("imgserve export: --tensorrt needs --gpu (TensorRT runs only on GPU instances)", file=sys.stderr)
+        return 2
     try:
         loaded = load(args)
     except WeightsError as exc:
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_to_repository(loaded.model, entry, args.model_repository, name, loaded.labels, gpu=args.gpu,
                                       ten_crop_default=args.ten_crop_default, resize=resize, crop=crop,
-                                      max_batch_size=args.max_batch_size,
+                                      max_batch_size=args.max_batch_size, fp16=args.fp16, tensorrt=args.tensorrt,
                                       description=args.description or f"{args.model}, {loaded.source}")
     except (ExportError, RepositoryError, ValueError, OSError) as exc:
         print(f"imgserve export: {exc}", file=sys.stderr)
@@ -121,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"  {len(loaded.labels)} classes, resize {pre.resize}, crop {pre.crop}, 10-crop default "
           f"{str(pre.ten_crop_default).lower()}, ONNX parity max |diff| {result.parity_max_abs_diff:.1e}, "
           f"{time.perf_counter() - start:.1f}s\n"
+          + (f"  FP16 weights: top-1 agreement {result.fp16.top1_agreement:.3f}, max |p16 - p32| "
+             f"{result.fp16.max_abs_prob_diff:.1e} on {result.fp16.images} images\n" if result.fp16 else "")
+          + ("  Triton accelerator: TensorRT, FP16\n" if args.tensorrt else "") +
           f"  a running gateway serves it after a restart (it reads the repository when it starts)")
     return 0
 

@@ -16,10 +16,13 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from export.fp16 import Fp16Parity
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,6 +90,7 @@ class ExportResult:
     parity_logits_max_rel_diff: float
     export_seconds: float
     parity_seconds: float
+    fp16: Fp16Parity | None = None   # set when exported with FP16 weights (export/fp16.py)
 
 
 def _resolve_sizes(entry: ModelEntry, resize: int | None, crop: int | None) -> tuple[int, int]:
@@ -205,14 +209,19 @@ def export_to_repository(model: nn.Module, entry: ModelEntry, repo: Path, name: 
                          gpu: bool = False, ten_crop_default: bool | None = None, resize: int | None = None,
                          crop: int | None = None, max_batch_size: int = 32, max_queue_delay_us: int = 2000,
                          preferred_batch_sizes: Sequence[int] = (), instance_count: int = 1,
-                         description: str = "", atol: float = PARITY_ATOL) -> ExportResult:
+                         description: str = "", atol: float = PARITY_ATOL, fp16: bool = False,
+                         tensorrt: bool = False) -> ExportResult:
     """Export ``model`` (weights as they are) as a new version of ``name`` in ``repo``.
 
     The export is checked against PyTorch before anything is written, and a
     new version directory is always created (served versions are never
     overwritten). ``gpu`` only selects the Triton instance kind; the export
     itself runs on the CPU so parity is measured without TF32/cuDNN noise.
+    ``fp16`` stores FP16 weights (uint8 in, FP32 out, checked against the FP32 graph);
+    ``tensorrt`` (with ``gpu``) asks Triton for its TensorRT accelerator at FP16.
     """
+    if tensorrt and not gpu:
+        raise ValueError("tensorrt needs gpu: TensorRT runs only on KIND_GPU instances")
     start = time.perf_counter()
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"invalid model name {name!r}")
@@ -238,6 +247,14 @@ def export_to_repository(model: nn.Module, entry: ModelEntry, repo: Path, name: 
             export_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             parity = check_parity(graph, onnx_path, crop=crop, channels=entry.channels, atol=atol)
+            half = None
+            if fp16:
+                from export.fp16 import Fp16ParityError, make_fp16
+
+                try:
+                    half = make_fp16(onnx_path, crop=crop, channels=entry.channels)
+                except Fp16ParityError as exc:
+                    raise ExportError(str(exc)) from None
             parity_seconds = time.perf_counter() - t0
             spec = ModelSpec(
                 name=name,
@@ -255,7 +272,8 @@ def export_to_repository(model: nn.Module, entry: ModelEntry, repo: Path, name: 
                 gpu=gpu,
                 instance_count=instance_count,
                 description=description or f"{entry.name}, {len(labels)} classes",
-                extra={"architecture": entry.name, "opset": str(OPSET)},
+                extra={"architecture": entry.name, "opset": str(OPSET), **({"precision": "fp16"} if fp16 else {})},
+                accelerator="tensorrt" if tensorrt else "",
             )
             Path(repo).mkdir(parents=True, exist_ok=True)
             target = write_model(Path(repo), spec, onnx_path)
@@ -266,4 +284,4 @@ def export_to_repository(model: nn.Module, entry: ModelEntry, repo: Path, name: 
                         parity_logits_max_rel_diff=parity.logits_max_rel_diff,
                         seconds=time.perf_counter() - start,
                         spec=replace(spec, version=version),
-                        export_seconds=export_seconds, parity_seconds=parity_seconds)
+                        export_seconds=export_seconds, parity_seconds=parity_seconds, fp16=half)

@@ -58,12 +58,22 @@ class RequestTooLarge(ServingError):
     http_status = 413
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def header_pixels(data: bytes | bytearray | memoryview) -> int | None:
     """width x height from the image header without decoding it, or None when Pillow cannot tell.
 
     An unreadable header is not judged here: the decoder reports it with its own clear
     message. A header past Pillow's decompression-bomb limit counts as unbounded.
     """
+    head = bytes(data[:24])
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 24:
+        # a PNG's size sits at a fixed place in its IHDR chunk: read it there (a microsecond, where
+        # Pillow takes tens of them; this runs for every request, ahead of tiny decodes)
+        pixels = int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
+        bomb = Image.MAX_IMAGE_PIXELS is not None and pixels > 2 * Image.MAX_IMAGE_PIXELS   # Pillow's own rule
+        return 1 << 62 if bomb else pixels
     try:
         with Image.open(io.BytesIO(bytes(data) if not isinstance(data, bytes) else data)) as img:
             width, height = img.size

@@ -173,9 +173,9 @@ class Gateway:
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
-            # never share a port with another process: a second gateway on the same
-            # port would silently get half the connections
-            ("grpc.so_reuseport", 0),
+            # never share a port with another process (a second gateway on the same port would
+            # silently get half the connections), except with the sibling workers of --workers N
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ])
         grpc_v1.add_to_server(grpc_v1.ImageService(self.dataplane, self.metrics), server)
         grpc_v2.add_to_server(grpc_v2.InferenceService(self.dataplane, self.metrics, self.settings,
@@ -203,7 +203,7 @@ class Gateway:
         await runner.setup()
         self.http_runner = runner
         site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_address=True,
-                           ssl_context=self._http_ssl)
+                           reuse_port=self.settings.reuse_port or None, ssl_context=self._http_ssl)
         try:
             await site.start()
         except OSError as exc:

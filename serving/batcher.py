@@ -4,9 +4,14 @@ The batcher knows nothing about images or tasks: a request submits ``n`` items
 (one numpy array each, e.g. one crop) and gets back, for every named output of
 the backend, an array whose first axis holds the ``n`` results in the same order.
 Outputs are split and joined along the batch axis, whatever their dtype.
-One batcher serves one model. Items from all requests wait in one FIFO queue;
-a batch is dispatched when ``max_batch_size`` items are waiting or when the
-oldest waiting item has waited ``max_queue_delay_s``, whichever comes first.
+One batcher serves one model. Items from all requests wait in one FIFO queue.
+A batch is dispatched as soon as an execution slot is free and the backend is
+idle (no call of this model running): an idle engine never waits for company,
+so a lone request pays no batching delay. While calls run, items accumulate
+(that is what makes batches grow under load): with one slot they wait for it;
+with several slots, a free slot takes a partial batch once ``max_batch_size``
+items are waiting or the oldest has waited ``max_queue_delay_s``, so the other
+slots' calls are not matched by a stream of tiny ones.
 A request's items may be split across several backend calls.
 
 Guarantees:
@@ -112,6 +117,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._running: set[asyncio.Task[None]] = set()
+        self._busy = 0                              # backend calls started and not yet finished
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._no_delay = False                     # a drain has begun: send what is queued at once
@@ -284,15 +290,22 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
+            self._busy += 1
             task = asyncio.create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> list[_Item] | None:
-        """Wait until a batch is due, then take it; None once stopping with nothing queued."""
+        """Wait until a batch is due, then take it; None once stopping with nothing queued.
+
+        Called holding a free slot. Due means: anything is queued and no other call is
+        running (an idle backend never waits for company), or the batch is full, or the
+        oldest item has waited the delay, or a drain has begun.
+        """
         while True:
             if self._queue:
-                if self._closing or self._no_delay or len(self._queue) >= self.max_batch_size:
+                if (self._busy == 0 or self._closing or self._no_delay
+                        or len(self._queue) >= self.max_batch_size):
                     break
                 wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if wait <= 0:
@@ -336,6 +349,7 @@ class Batcher:
         try:
             await self._execute_inner(batch)
         finally:
+            self._busy -= 1
             self._slots.release()
             self._wakeup.set()
 

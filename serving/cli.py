@@ -100,6 +100,33 @@ def announce(settings: Settings, grpc_port: int, http_port: int, models: list[st
           flush=True)
 
 
+def tell_supervisor() -> bool:
+    """In a worker of ``--workers N``: report readiness to the supervisor (it prints the banner)."""
+    from serving.workers import READY_FD_ENV
+
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return False
+    with os.fdopen(int(fd), "w") as pipe:
+        pipe.write("ready\n")
+    return True
+
+
+def supervise(settings: Settings, argv: list[str]) -> int:
+    """``--workers N``: run N gateway processes on the same ports (serving/workers.py)."""
+    from serving.repository import scan_repository
+    from serving.workers import Supervisor
+
+    def ready(grpc_port: int, http_port: int) -> None:
+        models = sorted(scan_repository(settings.model_repository)) if settings.backend == "onnxruntime" else []
+        announce(settings, grpc_port, http_port, models, f"{settings.backend}, {settings.workers} workers")
+
+    try:
+        return Supervisor(settings, argv, on_ready=ready).run()
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -119,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imgserve serve: {problem}", file=sys.stderr)
             return EXIT_USAGE
 
+    if settings.workers > 1:
+        return supervise(settings, list(sys.argv[1:] if argv is None else argv))
+
     from serving.app import Gateway, StartupError, serve
     from serving.errors import ServingError
 
     async def run() -> None:
         async def started(gateway: Gateway) -> None:
+            if tell_supervisor():
+                return
             statuses = await gateway.dataplane.list_models()
             announce(settings, gateway.grpc_port, gateway.http_port,
                      sorted(s.spec.name for s in statuses), gateway.backend.name)

@@ -9,12 +9,15 @@ preprocess time through the ``observe_*``/``set_*`` methods below.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
@@ -54,10 +57,11 @@ class Metrics:
             "imgserve_request_duration_seconds",
             "Time from receiving a request to sending its response, by model, endpoint and status code.",
             ["model", "endpoint", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        # multiprocess_mode: how `imgserve serve --workers N` sums the workers' values (ignored otherwise)
         self.requests_in_flight = Gauge(
             "imgserve_requests_in_flight",
             "Requests currently being handled, by endpoint.",
-            ["endpoint"], registry=r)
+            ["endpoint"], registry=r, multiprocess_mode="livesum")
         self.request_errors = Counter(
             "imgserve_request_errors_total",
             "Requests that finished with a status code other than OK.",
@@ -81,11 +85,21 @@ class Metrics:
         self.backend_up = Gauge(
             "imgserve_backend_up",
             "1 when the backend reports ready, else 0.",
-            ["backend"], registry=r)
+            ["backend"], registry=r, multiprocess_mode="livemin")
         self.queue_depth = Gauge(
             "imgserve_queue_depth",
             "Crops waiting in the batcher queue of a model.",
-            ["model"], registry=r)
+            ["model"], registry=r, multiprocess_mode="livesum")
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the hot path records ~8 samples per request and
+        prometheus-client validates and locks on every ``labels()`` call."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # ------------------------------------------------------------ transports
 
@@ -97,7 +111,7 @@ class Metrics:
         set is recorded as its ServingError code, or "INTERNAL" for anything else.
         """
         record = RequestRecord(endpoint=endpoint, model=model)
-        gauge = self.requests_in_flight.labels(endpoint=endpoint)
+        gauge = self._child(self.requests_in_flight, endpoint)
         gauge.inc()
         start = time.perf_counter()
         try:
@@ -109,34 +123,39 @@ class Metrics:
         finally:
             gauge.dec()
             code = record.code or OK
-            labels = {"model": record.model or "", "endpoint": record.endpoint, "code": code}
-            self.request_duration.labels(**labels).observe(time.perf_counter() - start)
+            labels = (record.model or "", record.endpoint, code)   # model, endpoint, code
+            self._child(self.request_duration, *labels).observe(time.perf_counter() - start)
             if code != OK:
-                self.request_errors.labels(**labels).inc()
+                self._child(self.request_errors, *labels).inc()
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry in Prometheus text format (OpenMetrics if ``accept`` asks for it)."""
         encoder, content_type = choose_encoder(accept or "")
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # `serve --workers N`: every worker's samples, merged from the shared directory
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
         if content_type.startswith("application/openmetrics-text"):
-            return encoder(self.registry), content_type
-        return encoder(_WithoutCreated(self.registry)), content_type
+            return encoder(registry), content_type
+        return encoder(_WithoutCreated(registry)), content_type
 
     # ------------------------------------------------------------ data plane
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model=model).observe(seconds)
+        self._child(self.queue_wait, model).observe(seconds)
 
     def observe_preprocess(self, model: str, seconds: float) -> None:
-        self.preprocess_duration.labels(model=model).observe(seconds)
+        self._child(self.preprocess_duration, model).observe(seconds)
 
     def observe_backend(self, model: str, backend: str, seconds: float) -> None:
-        self.backend_duration.labels(model=model, backend=backend).observe(seconds)
+        self._child(self.backend_duration, model, backend).observe(seconds)
 
     def observe_batch_size(self, model: str, size: int) -> None:
-        self.batch_size.labels(model=model).observe(size)
+        self._child(self.batch_size, model).observe(size)
 
     def set_queue_depth(self, model: str, depth: int) -> None:
-        self.queue_depth.labels(model=model).set(depth)
+        self._child(self.queue_depth, model).set(depth)
 
     def forget_model(self, model: str) -> None:
         """Drop the per-model gauge series of a model that is no longer served (its queue depth).

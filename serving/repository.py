@@ -112,6 +112,9 @@ class ModelSpec:
     instance_count: int = 1
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    # Triton GPU execution accelerator: "" (none) or "tensorrt" (ONNX Runtime's TensorRT EP in
+    # Triton, FP16 precision); only meaningful with gpu (KIND_GPU instances)
+    accelerator: str = ""
     # The engine's outputs; empty means the classifier default: one FP32 [num_classes]
     # tensor named output_name. Detectors and segmenters list theirs (see serving/tasks/).
     outputs: tuple[TensorSpec, ...] = ()
@@ -161,6 +164,8 @@ def to_model_config(spec: ModelSpec) -> mc.ModelConfig:
     db.preferred_batch_size.extend(list(spec.preferred_batch_sizes))
     cfg.instance_group.add(count=spec.instance_count,
                            kind=mc.ModelInstanceGroup.KIND_GPU if spec.gpu else mc.ModelInstanceGroup.KIND_CPU)
+    if spec.accelerator == TENSORRT:
+        add_tensorrt(cfg)
     cfg.version_policy.latest.num_versions = 1
     warm = cfg.model_warmup.add(name="zeros", batch_size=1)
     warm.inputs[spec.input_name].CopyFrom(mc.ModelWarmup.Input(
@@ -181,6 +186,19 @@ def to_model_config(spec: ModelSpec) -> mc.ModelConfig:
     for key, value in params.items():
         cfg.parameters[PARAM_PREFIX + key].string_value = value
     return cfg
+
+
+TENSORRT = "tensorrt"
+# What Triton's onnxruntime backend passes to the TensorRT execution provider (its docs'
+# "TensorRT Optimization" example): FP16 kernels, a 1 GiB workspace for building engines.
+TENSORRT_PARAMETERS = {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}
+
+
+def add_tensorrt(cfg: mc.ModelConfig) -> None:
+    """``optimization { execution_accelerators { gpu_execution_accelerator: [{ name: "tensorrt" ... }] } }``."""
+    accelerator = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=TENSORRT)
+    for key, value in TENSORRT_PARAMETERS.items():
+        accelerator.parameters[key] = value
 
 
 def config_text(spec: ModelSpec) -> str:
@@ -279,6 +297,7 @@ def spec_from_config(cfg: mc.ModelConfig, labels: list[str], version: int) -> Mo
     extra = {k[len(PARAM_PREFIX):]: v.string_value for k, v in cfg.parameters.items()
              if k.startswith(PARAM_PREFIX) and k[len(PARAM_PREFIX):] not in known}
     gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
+    accelerators = {a.name for a in cfg.optimization.execution_accelerators.gpu_execution_accelerator}
     return ModelSpec(
         name=cfg.name,
         version=version,
@@ -295,6 +314,7 @@ def spec_from_config(cfg: mc.ModelConfig, labels: list[str], version: int) -> Mo
         instance_count=sum(g.count for g in cfg.instance_group) or 1,
         description=_param(cfg, "description", ""),
         extra=extra,
+        accelerator=TENSORRT if TENSORRT in accelerators else "",
     )
 
 

@@ -19,11 +19,14 @@ class Settings:
     http_port: int = 8080
     backend: str = "onnxruntime"             # "onnxruntime" (embedded) or "triton"
     triton_url: str = ""                      # host:port[,host:port...] of Triton gRPC endpoints
-    max_queue_delay_ms: float = 2.0           # how long the batcher waits to fill a batch
+    max_queue_delay_ms: float = 2.0           # multi-slot models: wait to fill a batch while another call runs
     max_batch_size: int = 0                   # 0: use each model's max_batch_size
     max_queue_size: int = 1024                # crops waiting per model before RESOURCE_EXHAUSTED
     preprocess_threads: int = 0               # 0: one per core
     backend_threads: int = 0                  # ORT intra-op threads; 0: one per core
+    device: str = "cpu"                       # embedded backend: cpu, cuda or cuda:N (CUDA EP, falls back to CPU)
+    inline_preprocess_pixels: int = 16384     # images up to this many pixels decode on the event loop (0: never)
+    inline_infer_ms: float = 0.5              # embedded backend: calls measured faster than this run on the event loop (0: never)
     max_message_mb: int = 64                  # gRPC send/receive limit, both directions
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000        # Pillow decompression-bomb guard
@@ -31,6 +34,8 @@ class Settings:
     request_timeout_s: float = 30.0           # server-side deadline when the client sets none
     triton_health_interval_s: float = 0.5      # Triton probes (with the breaker: fault and recovery detection)
     triton_resolve_interval_s: float = 0.0    # >0: re-resolve Triton host names (a headless Service) this often, use every address
+    workers: int = 1                          # gateway processes sharing the ports (serving/workers.py)
+    reuse_port: bool = False                  # SO_REUSEPORT on both ports (set for each of N workers)
     shutdown_grace_s: float = 10.0            # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "INFO"
     # security (docs/security.md): TLS on both ports, mTLS on gRPC, bearer tokens, HTTP slow-client limits
@@ -102,6 +107,13 @@ class Settings:
             raise ValueError("max_request_pixels must be >= 0 (0: no limit) and large_image_pixels >= 1")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        from serving.backends.ort_device import parse_device
+
+        parse_device(self.device)  # ValueError names the accepted forms
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.inline_preprocess_pixels < 0 or self.inline_infer_ms < 0:
+            raise ValueError("inline_preprocess_pixels and inline_infer_ms must be >= 0 (0 disables)")
         if self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
             raise ValueError("max_queue_size must be >= 1 and max_queue_delay_ms >= 0")
         self._validate_security()

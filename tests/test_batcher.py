@@ -148,29 +148,75 @@ async def test_list_of_items_is_accepted() -> None:
     np.testing.assert_array_equal(got, expected(x))
 
 
-async def test_full_batch_goes_at_once_partial_batch_waits_to_fill() -> None:
-    """An hour-long delay: only a full batch can be dispatched, so nothing here depends on the clock."""
+async def test_idle_backend_runs_a_lone_item_at_once_whatever_the_delay() -> None:
+    """No idle wait: with an hour-long delay a lone request still goes at once, because nothing runs."""
     fake = FakeBackend()
     b = await make(fake, max_batch_size=4, delay_s=3600.0)
-    np.testing.assert_array_equal(await within(b.submit(items_for(1, 4))), expected(items_for(1, 4)))
-    assert fake.sizes == [4]                       # a full batch went at once, alone
-    lone = asyncio.create_task(b.submit(items_for(2, 1)))
-    await wait_until(lambda: b.depth == 1)
-    for _ in range(20):                            # plenty of loop turns for a wrongly eager worker
-        await asyncio.sleep(0)
-    assert fake.sizes == [4] and not lone.done()   # a partial batch waits for company
-    rest = asyncio.create_task(b.submit(items_for(3, 3)))
-    np.testing.assert_array_equal(await within(lone), expected(items_for(2, 1)))
-    np.testing.assert_array_equal(await within(rest), expected(items_for(3, 3)))
-    assert fake.sizes == [4, 4]                    # the lone item rode with the next request's three
+    np.testing.assert_array_equal(await within(b.submit(items_for(1, 1))), expected(items_for(1, 1)))
+    np.testing.assert_array_equal(await within(b.submit(items_for(2, 3))), expected(items_for(2, 3)))
+    assert fake.sizes == [1, 3]                    # each went alone, partial, without waiting for company
     await b.stop()
 
 
-async def test_partial_batch_goes_when_the_delay_passes() -> None:
+async def test_items_accumulate_while_the_slot_is_busy_into_full_batches() -> None:
+    """Under load batches are as large as ever: while the one slot is busy everything queues, and
+    the next call takes all of it (up to max_batch_size), in arrival order."""
     fake = FakeBackend()
-    b = await make(fake, max_batch_size=4, delay_s=0.01)
-    np.testing.assert_array_equal(await within(b.submit(items_for(1, 1))), expected(items_for(1, 1)))
-    assert fake.sizes == [1]
+    fake.hold()
+    b = await make(fake, max_batch_size=8, delay_s=0.0)
+    first = asyncio.create_task(b.submit(items_for(0, 1)))
+    await within(fake.entered.wait())              # the lone first item went at once, alone
+    rest = [asyncio.create_task(b.submit(items_for(r, 1))) for r in range(1, 12)]
+    await wait_until(lambda: b.depth == 11)
+    for _ in range(20):                            # plenty of loop turns for a wrongly eager worker
+        await asyncio.sleep(0)
+    assert fake.sizes == [1]                       # nothing overtakes the busy slot
+    fake.release()
+    for r, task in enumerate([first, *rest]):
+        np.testing.assert_array_equal(await within(task), expected(items_for(r, 1)))
+    assert fake.sizes == [1, 8, 3]                 # the queue left as full batches
+    assert [c[:, 0].tolist() for c in fake.calls[1:]] == [list(range(1, 9)), [9, 10, 11]]
+    await b.stop()
+
+
+async def test_a_free_slot_waits_for_company_while_another_call_runs() -> None:
+    """With two slots and one call running, a partial batch waits (an hour here) for a full one;
+    a full batch goes at once on the free slot."""
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=4, max_queue_delay_s=3600.0, max_queue_size=100,
+                max_concurrent_batches=2)
+    await b.start()
+    first = asyncio.create_task(b.submit(items_for(1, 1)))
+    await wait_until(lambda: len(backend.calls) == 1)          # idle backend: at once
+    lone = asyncio.create_task(b.submit(items_for(2, 1)))
+    await wait_until(lambda: b.depth == 1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(backend.calls) == 1 and not lone.done()         # one call runs: the lone item waits
+    rest = asyncio.create_task(b.submit(items_for(3, 3)))
+    await wait_until(lambda: len(backend.calls) == 2)          # now a full batch: it goes
+    assert backend.calls[1][:, 0].tolist() == [2, 3, 3, 3]
+    for gate in backend.gates:
+        gate.set()
+    for task, r, n in ((first, 1, 1), (lone, 2, 1), (rest, 3, 3)):
+        np.testing.assert_array_equal(await within(task), expected(items_for(r, n)))
+    await b.stop()
+
+
+async def test_a_waiting_partial_batch_goes_when_the_delay_passes() -> None:
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=4, max_queue_delay_s=0.01, max_queue_size=100,
+                max_concurrent_batches=2)
+    await b.start()
+    first = asyncio.create_task(b.submit(items_for(1, 1)))
+    await wait_until(lambda: len(backend.calls) == 1)
+    lone = asyncio.create_task(b.submit(items_for(2, 1)))
+    await wait_until(lambda: len(backend.calls) == 2)          # the first call still runs: the delay let it go
+    assert backend.active == 2
+    for gate in backend.gates:
+        gate.set()
+    np.testing.assert_array_equal(await within(lone), expected(items_for(2, 1)))
+    await within(first)
     await b.stop()
 
 
@@ -327,7 +373,7 @@ async def test_cancelled_submitter_items_never_run() -> None:
 
 async def test_stop_drains_queued_work_then_refuses() -> None:
     fake = FakeBackend(delay_s=0.02)
-    b = await make(fake, max_batch_size=4, delay_s=10.0)   # a long delay: only the drain flushes them
+    b = await make(fake, max_batch_size=4, delay_s=10.0)   # items queue behind the running call
     reqs = [items_for(r, 3) for r in range(5)]
     tasks = [asyncio.create_task(b.submit(x)) for x in reqs]
     await wait_until(lambda: b.depth + b.stats.items == 15)
@@ -461,16 +507,30 @@ async def test_a_split_request_spread_over_two_slots_is_reassembled_in_order() -
 
 
 async def test_flush_without_delay_sends_queued_items_and_keeps_accepting() -> None:
-    """What a drain does first: nothing queued waits for the (hour-long) delay, late submitters still get in."""
-    fake = FakeBackend()
-    b = await make(fake, max_batch_size=8, delay_s=3600.0)
+    """What a drain does first: with a call running on one of two slots, queued items would wait the
+    (hour-long) delay for company; after the flush they go at once, and late submitters still get in."""
+    backend = PerCallGates()
+    b = Batcher("m", backend.infer, max_batch_size=8, max_queue_delay_s=3600.0, max_queue_size=100,
+                max_concurrent_batches=2)
+    await b.start()
+    busy = asyncio.create_task(b.submit(items_for(0, 1)))
+    await wait_until(lambda: len(backend.calls) == 1)
     early = asyncio.create_task(b.submit(items_for(1, 2)))
     await wait_until(lambda: b.depth == 2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(backend.calls) == 1
     b.flush_without_delay()
+    await wait_until(lambda: len(backend.calls) == 2)
+    backend.gates[1].set()
     np.testing.assert_array_equal(await within(early), expected(items_for(1, 2)))
-    late = await within(b.submit(items_for(2, 1)))           # still accepted, and not held for company
-    np.testing.assert_array_equal(late, expected(items_for(2, 1)))
-    assert fake.sizes == [2, 1]
+    late = asyncio.create_task(b.submit(items_for(2, 1)))     # still accepted, and not held for company
+    await wait_until(lambda: len(backend.calls) == 3)
+    for gate in backend.gates:
+        gate.set()
+    np.testing.assert_array_equal(await within(late), expected(items_for(2, 1)))
+    await within(busy)
+    assert [len(c) for c in backend.calls] == [1, 2, 1]
     await b.stop()
 
 

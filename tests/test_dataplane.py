@@ -43,10 +43,35 @@ def only(repo: Path, tmp_path: Path, *models: str) -> Path:
     return view
 
 
+class HeldBackend(OnnxRuntimeBackend):
+    """The real backend, whose calls wait while ``go`` is clear: tests make work queue behind a busy slot
+    (an idle backend takes every item at once, so only a busy one lets a queue form)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.go = asyncio.Event()
+        self.go.set()
+        self.entered = 0
+
+    async def infer(self, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered += 1
+        await self.go.wait()
+        return await super().infer(model, batch)
+
+
+async def until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    """Poll; the timeout only turns a hang into a clear failure."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 @asynccontextmanager
-async def running(repo: Path, **overrides: object) -> AsyncIterator[DataPlane]:
+async def running(repo: Path, backend: type[OnnxRuntimeBackend] = OnnxRuntimeBackend,
+                  **overrides: object) -> AsyncIterator[DataPlane]:
     settings = Settings(model_repository=repo, backend_threads=1, preprocess_threads=2, **overrides)
-    plane = DataPlane(settings, OnnxRuntimeBackend(settings), Metrics())
+    plane = DataPlane(settings, backend(settings), Metrics())
     await plane.start()
     try:
         yield plane
@@ -135,21 +160,29 @@ async def test_ten_crop_defaults_and_shapes(model_repo: Path, tmp_path: Path) ->
 
 async def test_concurrent_requests_share_backend_calls(model_repo: Path, tmp_path: Path) -> None:
     data = photo_jpeg(160, 120)
-    # Batches of exactly 8 and a ten-minute window: a batch leaves only when full, however slowly a
-    # busy machine decodes, so 24 concurrent single-image requests are exactly 3 backend calls.
-    async with running(only(model_repo, tmp_path, "rgbnet"), max_batch_size=8, max_queue_delay_ms=600_000.0) as plane:
-        results = await asyncio.gather(*(plane.probabilities("rgbnet", [data]) for _ in range(24)))
+    # The first request finds the backend idle and goes alone, at once; its call is held, so the 24
+    # requests that follow queue behind it and leave as three full batches of 8 when it returns.
+    async with running(only(model_repo, tmp_path, "rgbnet"), HeldBackend, max_batch_size=8) as plane:
+        backend = plane.backend
+        assert isinstance(backend, HeldBackend)
+        backend.go.clear()
+        first = asyncio.create_task(plane.probabilities("rgbnet", [data]))
+        await until(lambda: backend.entered == 1, "the first call")
+        rest = [asyncio.create_task(plane.probabilities("rgbnet", [data])) for _ in range(24)]
+        await until(lambda: plane.metrics.sample("imgserve_queue_depth", {"model": "rgbnet"}) == 24, "24 queued")
+        backend.go.set()
+        results = await asyncio.gather(first, *rest)
         m = plane.metrics
     assert all(np.array_equal(r.probabilities, results[0].probabilities) for r in results[1:]) or \
         all(np.allclose(r.probabilities, results[0].probabilities, atol=1e-5) for r in results[1:])
     labels = {"model": "rgbnet"}
     calls = m.sample("imgserve_batch_size_count", labels)
     crops = m.sample("imgserve_batch_size_sum", labels)
-    assert crops == 24
-    assert calls == 3, f"{calls} backend calls for 24 concurrent single-image requests"
-    assert m.sample("imgserve_batch_size_bucket", {"model": "rgbnet", "le": "1.0"}) == 0     # no lone crop
-    assert m.sample("imgserve_preprocess_duration_seconds_count", labels) == 24
-    assert m.sample("imgserve_queue_wait_seconds_count", labels) == 24
+    assert crops == 25
+    assert calls == 4, f"{calls} backend calls for 1 + 24 concurrent single-image requests"
+    assert m.sample("imgserve_batch_size_bucket", {"model": "rgbnet", "le": "1.0"}) == 1     # only the first
+    assert m.sample("imgserve_preprocess_duration_seconds_count", labels) == 25
+    assert m.sample("imgserve_queue_wait_seconds_count", labels) == 25
     assert m.sample("imgserve_backend_duration_seconds_count", {"model": "rgbnet", "backend": "onnxruntime"}) == calls
     assert m.sample("imgserve_queue_depth", labels) == 0
 
@@ -188,17 +221,22 @@ async def test_stop_drains_then_refuses(model_repo: Path, tmp_path: Path) -> Non
     data = photo_jpeg(160, 120)
     settings = Settings(model_repository=only(model_repo, tmp_path, "rgbnet"), backend_threads=1,
                         preprocess_threads=2, max_queue_delay_ms=600_000.0)
-    plane = DataPlane(settings, OnnxRuntimeBackend(settings), Metrics())
+    backend = HeldBackend(settings)
+    plane = DataPlane(settings, backend, Metrics())
     await plane.start()
+    backend.go.clear()
+    busy = asyncio.create_task(plane.probabilities("rgbnet", [data]))
+    await until(lambda: backend.entered == 1, "the first call")
     tasks = [asyncio.create_task(plane.probabilities("rgbnet", [data])) for _ in range(5)]
-    # wait until their crops sit in the queue (the ten-minute delay keeps them there), then stop:
-    # only the drain can send them off
-    deadline = time.monotonic() + 60                         # only turns a hang into a failure
-    while plane.metrics.sample("imgserve_queue_depth", {"model": "rgbnet"}) != 5:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
-    await plane.stop()
-    results = [t.result() for t in tasks]                    # all answered, none failed
+    # their crops sit in the queue behind the held call; stop, then let the backend go: the drain
+    # answers every accepted request
+    await until(lambda: plane.metrics.sample("imgserve_queue_depth", {"model": "rgbnet"}) == 5, "5 queued")
+    stopping = asyncio.create_task(plane.stop())
+    await asyncio.sleep(0.05)
+    assert not await plane.ready()
+    backend.go.set()
+    await stopping
+    results = [t.result() for t in [busy, *tasks]]           # all answered, none failed
     assert all(r.probabilities.shape == (1, 10) for r in results)
     assert not await plane.ready()
     with pytest.raises(BackendUnavailable):

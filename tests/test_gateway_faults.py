@@ -208,15 +208,21 @@ async def test_second_signal_abandons_the_drain(monkeypatch: pytest.MonkeyPatch)
 
 
 async def test_drain_sends_queued_requests_without_waiting_for_the_batching_delay() -> None:
-    """A ten-minute batching window and an hour of grace: the drain still answers the queued requests
-    at once (one backend call), because stopping flushes the queues."""
+    """A ten-minute batching window and an hour of grace: requests queued behind a busy call are
+    answered by the drain as soon as that call returns (one backend call for both)."""
     backend = ScriptedBackend()
+    backend.hold()
     async with running_gateway(backend, max_queue_delay_ms=600_000.0, shutdown_grace_s=3600.0) as gw:
+        busy = asyncio.create_task(classify(grpc_target(gw), [0]))
+        await asyncio.wait_for(backend.entered.wait(), 30)
         requests = [asyncio.create_task(classify(grpc_target(gw), [v])) for v in (1, 2)]
         await until(lambda: gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 2)
-        assert backend.calls == []
-        await asyncio.wait_for(gw.stop(), 60)
-        answers = await asyncio.wait_for(asyncio.gather(*requests), 30)
-    assert [top1(a) for a in answers] == [[1], [2]]
-    assert [batch.shape[0] for _, batch in backend.calls] == [2]
+        assert len(backend.calls) == 1
+        stopping = asyncio.create_task(gw.stop())
+        await asyncio.sleep(0.05)
+        backend.release()
+        await asyncio.wait_for(stopping, 60)
+        answers = await asyncio.wait_for(asyncio.gather(busy, *requests), 30)
+    assert [top1(a) for a in answers] == [[0], [1], [2]]
+    assert [batch.shape[0] for _, batch in backend.calls] == [1, 2]
     assert backend.closed

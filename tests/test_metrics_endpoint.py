@@ -64,8 +64,9 @@ async def burst(target: str, rounds: int) -> None:
 
 @pytest.fixture(scope="module")
 def gateway(model_repo: Path) -> Iterator[GatewayProcess]:
-    # Batches of exactly 8 and a ten-minute window: a batch leaves only when full, so how requests
-    # merge does not depend on how fast a (busy) machine decodes them. Rounds of 24 fill 3 batches.
+    # Batches of at most 8. An idle backend takes a request at once (no idle wait, docs/batching.md),
+    # so how requests merge depends on timing here; the tests below check the accounting, and the
+    # merging itself is proven where a backend can be held (tests/test_dataplane.py, test_batcher.py).
     args = ["--max-batch-size", str(BATCH), "--max-queue-delay-ms", "600000", "--preprocess-threads", "1",
             "--backend-threads", "1"]
     with run_gateway(model_repo, extra_args=args) as gw:
@@ -124,14 +125,14 @@ def test_errors_by_code(after_traffic: str) -> None:
                  code="OK") is None
 
 
-def test_concurrent_requests_share_backend_batches(after_traffic: str) -> None:
+def test_batch_size_histogram_accounts_for_every_crop(after_traffic: str) -> None:
     table = samples(after_traffic)
     calls = value(table, "imgserve_batch_size_count", model="lenet5")
     crops = value(table, "imgserve_batch_size_sum", model="lenet5")
-    single = value(table, "imgserve_batch_size_bucket", model="lenet5", le="1.0")
-    assert crops == ROUNDS * CONCURRENT
-    assert calls == crops / BATCH, "concurrent requests were not merged into full batches"
-    assert single == 0, "a backend call carried a single crop"
+    assert crops == ROUNDS * CONCURRENT                      # every crop counted once
+    assert 1 <= calls <= crops
+    assert value(table, "imgserve_batch_size_bucket", model="lenet5", le=f"{float(BATCH)}") == calls  # none above 8
+    assert value(table, "imgserve_backend_duration_seconds_count", model="lenet5", backend="onnxruntime") == calls
 
 
 def test_promtool_accepts_the_exposition(after_traffic: str) -> None:

@@ -51,10 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", type=Path, metavar="OUT", help="write the full report as JSON here")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write throughput/latency plots (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--compare", action="store_true",
+                   help="instead: the interleaved raw-ORT / gateway / Triton / gateway->Triton comparison, which "
+                        "starts its own servers (see 'imgserve bench --compare --help'; needs the serve and "
+                        "triton extras)")
     return p
 
 
+# `imgserve bench --compare` runs here: it starts servers and ONNX Runtime itself, so it is a
+# serving-side tool, imported by name only when asked for (clients/ never imports serving/)
+COMPARE_MODULE = "serving.compare.cli"
+
+
 def main(argv: list[str]) -> int:
+    if "--compare" in argv:
+        import importlib
+
+        try:
+            compare = importlib.import_module(COMPARE_MODULE)
+        except ImportError as exc:
+            print(f"imgserve bench --compare: needs the 'serve' and 'triton' extras "
+                  f"(pip install 'imgserve[serve,triton]'): {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return int(compare.main(argv) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     check_target(parser, args)

@@ -21,6 +21,8 @@ class Backend(abc.ABC):
     """
 
     name: str = "backend"
+    #: backend calls the batcher keeps in flight per model instance (instance_group count)
+    calls_per_instance: int = 1
 
     @abc.abstractmethod
     async def start(self) -> None:

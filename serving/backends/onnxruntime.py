@@ -2,7 +2,10 @@
 
 It is the default because it needs nothing but the repository on disk. Sessions
 run in a dedicated thread pool (ORT releases the GIL), so the event loop never
-blocks on inference; the batcher in front decides how much runs at once.
+blocks on a long inference; the batcher in front decides how much runs at once.
+A model whose calls are measured faster than ``inline_infer_ms`` (LeNet: tens of
+microseconds) runs on the event loop instead: the thread hop would cost more than
+the call itself.
 
 Models can be (re)loaded while serving (serving/reload.py drives it: poll, explicit
 load/unload, SIGHUP). A new version is loaded and warmed in a thread while the old one
@@ -23,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.backends.base import Backend, check_outputs
+from serving.backends.ort_device import CPU, CUDA, Device, IoBoundRunner, Placement, parse_device, select_providers
 from serving.errors import BackendError, BackendUnavailable, InvalidInput, ModelNotFound
 from serving.repository import CONFIG_FILE, LocalModel, ModelSpec, RepositoryError, read_model, scan_repository
 from serving.settings import Settings
@@ -30,17 +34,19 @@ from serving.tasks import check_servable
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+__all__ = ["CPU", "CUDA", "OnnxRuntimeBackend"]
 RETIRE_AFTER_S = 120.0   # how long a replaced version stays reachable for requests admitted before the swap
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Loaded:
     spec: ModelSpec
     session: ort.InferenceSession
     path: Path
     fingerprint: tuple[object, ...] = ()
+    seconds_per_call: float | None = None   # EWMA of measured calls: decides inline vs thread
+    device: Device = Device("cpu")
+    runner: IoBoundRunner | None = None     # CUDA: I/O binding with pinned staging
 
 
 def fingerprint(local: LocalModel) -> tuple[object, ...]:
@@ -111,12 +117,13 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return opts
 
-    def _providers(self, spec: ModelSpec) -> list[str]:
-        if spec.gpu:
-            if CUDA in ort.get_available_providers():
-                return [CUDA, CPU]
-            log.warning("model %s asks for a GPU but onnxruntime has no CUDA provider here; using CPU", spec.name)
-        return [CPU]
+    def _placement(self, spec: ModelSpec) -> Placement:
+        """CPU or CUDA for this model (``--device``, or KIND_GPU in its config); warns on a CPU fallback."""
+        placement = select_providers(parse_device(self.settings.device), spec.gpu, ort.get_available_providers(),
+                                     spec.name)
+        if placement.warning:
+            log.warning("%s", placement.warning)
+        return placement
 
     def _load(self, local: LocalModel) -> _Loaded:
         spec = local.spec
@@ -124,9 +131,10 @@ class OnnxRuntimeBackend(Backend):
             check_servable(spec)
         except RepositoryError as exc:
             raise BackendUnavailable(f"cannot serve {local.onnx_path}: {exc}") from None
+        placement = self._placement(spec)
         try:
             session = ort.InferenceSession(str(local.onnx_path), sess_options=self._session_options(),
-                                           providers=self._providers(spec))
+                                           providers=placement.providers)
         except Exception as exc:  # ORT raises its own pybind exception types
             raise BackendUnavailable(f"model {spec.name!r}: cannot load {local.onnx_path}: {exc}") from exc
         inputs = {i.name: i for i in session.get_inputs()}
@@ -139,13 +147,17 @@ class OnnxRuntimeBackend(Backend):
         if inputs[spec.input_name].type != "tensor(uint8)":
             raise BackendUnavailable(f"model {spec.name!r}: input {spec.input_name!r} is "
                                      f"{inputs[spec.input_name].type}, expected tensor(uint8)")
-        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path, fingerprint=fingerprint(local))
+        loaded = _Loaded(spec=spec, session=session, path=local.onnx_path, fingerprint=fingerprint(local),
+                         device=placement.device)
+        if placement.device.kind == "cuda":
+            loaded.runner = IoBoundRunner(session, spec.input_name, spec.output_names, placement.device)
         # Warm up like Triton's model_warmup: the first run allocates and is slow. It also
         # proves the outputs have the declared shapes before the model takes traffic.
         try:
             self._run(loaded, np.zeros((1, *spec.input_shape), dtype=np.uint8))
         except BackendError as exc:
             raise BackendUnavailable(f"model {spec.name!r} fails its warm-up run: {exc.message}") from None
+        loaded.seconds_per_call = None  # the warm-up allocates: its time says nothing about later calls
         return loaded
 
     # ------------------------------------------------------------ reloading (serving/reload.py)
@@ -272,15 +284,31 @@ class OnnxRuntimeBackend(Backend):
         executor = self._executor
         if executor is None:
             raise BackendUnavailable("onnxruntime backend is closed")
+        batch = np.ascontiguousarray(batch)
+        if self._runs_inline(loaded):
+            return self._run(loaded, batch)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._run, loaded, np.ascontiguousarray(batch))
+        return await loop.run_in_executor(executor, self._run, loaded, batch)
+
+    def _runs_inline(self, loaded: _Loaded) -> bool:
+        limit = self.settings.inline_infer_ms / 1000.0
+        return limit > 0 and loaded.seconds_per_call is not None and loaded.seconds_per_call < limit
 
     @staticmethod
     def _run(loaded: _Loaded, batch: np.ndarray) -> dict[str, np.ndarray]:
         spec = loaded.spec
         names = list(spec.output_names)
+        start = time.perf_counter()
         try:
-            values = loaded.session.run(names, {spec.input_name: batch})
+            if loaded.runner is not None:
+                values = loaded.runner.run(batch)
+            else:
+                values = loaded.session.run(names, {spec.input_name: batch})
         except Exception as exc:
             raise BackendError(f"onnxruntime failed on model {spec.name!r}: {exc}") from exc
+        took = time.perf_counter() - start
+        # per call, not per item: a big batch of a tiny model must not move it off the loop,
+        # and one slow call (a cold cache) only nudges the average
+        loaded.seconds_per_call = took if loaded.seconds_per_call is None else (
+            0.9 * loaded.seconds_per_call + 0.1 * took)
         return check_outputs(spec, dict(zip(names, values)), batch.shape[0])

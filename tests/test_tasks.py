@@ -297,3 +297,15 @@ def test_cli_detect_draw_and_segment_overlay(tmp_path, capsys) -> None:
     over = np.asarray(Image.open(tmp_path / "over.png").convert("RGB")).astype(int)
     tinted = np.abs(over - original).sum(axis=-1) > 0
     assert (tinted == (mask == 1)).mean() > 0.99, "only the object's pixels are tinted"
+
+
+async def test_large_jpeg_boxes_and_masks_come_back_at_its_full_size() -> None:
+    """A JPEG several times the model's input: JPEG draft decoding must not shrink the reported size."""
+    w, h, box = 600, 400, (120, 80, 420, 300)
+    jpeg = rectangle_png(w, h, box, fmt="JPEG")
+    async with running_gateway(backend()) as gw:
+        async with AsyncImageClient(grpc_target(gw), timeout=30) as client:
+            det = await client.detect(jpeg, "tinydet")
+            seg = await client.segment(jpeg, "tinyseg")
+    assert (det[0].width, det[0].height) == (w, h) and seg[0].mask.shape == (h, w)
+    assert box_error(det[0][0].box, box) <= max_box_tolerance(w, h)

@@ -238,7 +238,9 @@ def letterbox_views(data: bytes, spec: ModelSpec, mirrored: bool, *, index: int,
     with x -> S - x exactly, whatever the padding.
     """
     pre = spec.preprocess
-    img = decode(data, channels=pre.channels, index=index, target=pre.resize, options=decode_options)
+    # No JPEG draft (DCT downscaling) here: the letterbox record must hold the ORIGINAL size, since
+    # boxes and masks are mapped back to it; a drafted decode would report half or a quarter of it.
+    img = decode(data, channels=pre.channels, index=index, target=None, options=decode_options)
     try:
         canvas, geometry = letterbox(img, pre.crop)
     finally:

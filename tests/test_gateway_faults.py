@@ -226,3 +226,39 @@ async def test_drain_sends_queued_requests_without_waiting_for_the_batching_dela
     assert [top1(a) for a in answers] == [[0], [1], [2]]
     assert [batch.shape[0] for _, batch in backend.calls] == [1, 2]
     assert backend.closed
+
+
+async def test_overload_is_429_with_retry_after() -> None:
+    """Requests that do not fit the model's queue: RESOURCE_EXHAUSTED / 429 + Retry-After, nothing breaks.
+
+    The backend is held with one call in flight, so queued items wait (the batcher sends at once only
+    while a slot is free): a 4-image request fills 4 of the 5 places, further 4-image requests are
+    refused over gRPC and HTTP, and after the release both accepted requests are answered.
+    """
+    backend = ScriptedBackend()
+    backend.hold()
+    async with running_gateway(backend, max_queue_size=5) as gw:
+        async with grpc.aio.insecure_channel(grpc_target(gw)) as channel:
+            stub = pb_grpc.ImageServiceStub(channel)
+            first = asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(model="tiny", images=[grey_png(1)]),
+                                                        timeout=60))
+            await until(lambda: len(backend.calls) == 1)
+            waiting = asyncio.ensure_future(stub.Classify(
+                pb.ClassifyRequest(model="tiny", images=[grey_png(2)] * 4), timeout=60))
+            await until(lambda: gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 4)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Classify(pb.ClassifyRequest(model="tiny", images=[grey_png(3)] * 4), timeout=60)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "queue is full" in info.value.details()
+                retry_after = int(dict(info.value.trailing_metadata())["retry-after"])
+                assert retry_after >= 1 and info.value.details().endswith(f"retry after {retry_after} s")
+            body = {"model": "tiny", "images": [base64.b64encode(grey_png(3)).decode()] * 4}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{http_url(gw)}/v1/classify", json=body) as response:
+                    assert response.status == 429
+                    assert int(response.headers["Retry-After"]) >= 1
+                    assert (await response.json())["error"]["code"] == "RESOURCE_EXHAUSTED"
+            assert not waiting.done()
+            backend.release()
+            assert len((await first).results) == 1 and len((await waiting).results) == 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,10 +31,16 @@ import numpy as np
 from google.protobuf.message import Message
 
 from serving.errors import InvalidInput
-from serving.preprocess import DecodeOptions
+from serving.preprocess import DecodeOptions, decode, letterbox
 from serving.repository import ModelSpec, RepositoryError
 
 Outputs = dict[str, np.ndarray]
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    """Concatenate elements, each prefixed by its 4-byte little-endian length (v2 BYTES raw layout)."""
+    return b"".join(part for item in elements for part in (_LENGTH_PREFIX.pack(len(item)), item))
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,6 @@ class OutputTensor:
     def raw(self) -> bytes:
         """The tensor in the v2 raw (binary) layout: little-endian, row-major; BYTES length-prefixed."""
         if self.datatype == "BYTES":
-            from serving.transports.oip import serialize_bytes
-
             return serialize_bytes(self.strings or [])
         assert self.array is not None
         return np.ascontiguousarray(self.array, dtype=self._LITTLE_ENDIAN[self.datatype]).tobytes()
@@ -231,3 +236,24 @@ def reject_unknown_outputs(requested: Sequence[RequestedOutput], available: Sequ
 
 def label_of(spec: ModelSpec, index: int) -> str:
     return spec.labels[index] if 0 <= index < len(spec.labels) else str(index)
+
+
+def letterbox_views(data: bytes, spec: ModelSpec, mirrored: bool, *, index: int,
+                    decode_options: DecodeOptions) -> Prepared:
+    """Decode, letterbox to S x S, and add the mirrored canvas as a second view when asked.
+
+    The canvas itself is mirrored (padding included), so a mirrored result maps back
+    with x -> S - x exactly, whatever the padding.
+    """
+    pre = spec.preprocess
+    # No JPEG draft (DCT downscaling) here: the letterbox record must hold the ORIGINAL size, since
+    # boxes and masks are mapped back to it; a drafted decode would report half or a quarter of it.
+    img = decode(data, channels=pre.channels, index=index, target=None, options=decode_options)
+    try:
+        canvas, geometry = letterbox(img, pre.crop)
+    finally:
+        img.close()
+    if canvas.ndim == 2:
+        canvas = canvas[:, :, None]
+    views = np.stack([canvas, canvas[:, ::-1]]) if mirrored else canvas[None]
+    return Prepared(np.ascontiguousarray(views), geometry)

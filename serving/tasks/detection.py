@@ -22,10 +22,11 @@ import numpy as np
 
 from clients.proto.imgserve.v1 import imgserve_pb2 as pb
 from serving.errors import InvalidInput
-from serving.preprocess import DecodeOptions, Letterbox, decode, letterbox
+from serving.preprocess import DecodeOptions, Letterbox
 from serving.repository import ModelSpec, RepositoryError
 from serving.tasks.base import (OptionSpec, OutputTensor, Outputs, Prepared, RequestedOutput, TaskDefaults,
-                                TaskHandler, TaskResult, label_of, reject_unknown_outputs, require_outputs)
+                                TaskHandler, TaskResult, label_of, letterbox_views, reject_unknown_outputs,
+                                require_outputs)
 
 NUM = "num_detections"
 BOXES = "detection_boxes"
@@ -228,24 +229,3 @@ class DetectionHandler(TaskHandler):
                 {"name": BOXES, "datatype": "FP32", "shape": [-1, -1, 4]},
                 {"name": SCORES, "datatype": "FP32", "shape": [-1, -1]},
                 {"name": CLASSES, "datatype": "INT32", "shape": [-1, -1]}]
-
-
-def letterbox_views(data: bytes, spec: ModelSpec, mirrored: bool, *, index: int,
-                    decode_options: DecodeOptions) -> Prepared:
-    """Decode, letterbox to S x S, and add the mirrored canvas as a second view when asked.
-
-    The canvas itself is mirrored (padding included), so a mirrored result maps back
-    with x -> S - x exactly, whatever the padding.
-    """
-    pre = spec.preprocess
-    # No JPEG draft (DCT downscaling) here: the letterbox record must hold the ORIGINAL size, since
-    # boxes and masks are mapped back to it; a drafted decode would report half or a quarter of it.
-    img = decode(data, channels=pre.channels, index=index, target=None, options=decode_options)
-    try:
-        canvas, geometry = letterbox(img, pre.crop)
-    finally:
-        img.close()
-    if canvas.ndim == 2:
-        canvas = canvas[:, :, None]
-    views = np.stack([canvas, canvas[:, ::-1]]) if mirrored else canvas[None]
-    return Prepared(np.ascontiguousarray(views), geometry)

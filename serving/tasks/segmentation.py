@@ -25,8 +25,8 @@ from serving.errors import InvalidInput
 from serving.preprocess import DecodeOptions, Letterbox
 from serving.repository import ModelSpec, RepositoryError
 from serving.tasks.base import (OptionSpec, OutputTensor, Outputs, Prepared, RequestedOutput, TaskDefaults,
-                                TaskHandler, TaskResult, label_of, reject_unknown_outputs, require_outputs)
-from serving.tasks.detection import letterbox_views
+                                TaskHandler, TaskResult, label_of, letterbox_views, reject_unknown_outputs,
+                                require_outputs)
 from serving.tasks.masks import class_fractions, coco_rle, palette_png
 
 LABELS = "labels"

@@ -30,7 +30,7 @@ from serving.dataplane import DataPlane, ModelStatus
 from serving.errors import InvalidInput, ModelNotFound
 from serving.repository import DATATYPES, LABELS_FILE, ModelSpec, to_model_config
 from serving.tasks import handler_for
-from serving.tasks.base import OutputTensor, RequestedOutput, reject_unknown_outputs
+from serving.tasks.base import OutputTensor, RequestedOutput, reject_unknown_outputs, serialize_bytes
 from serving.tasks.classification import V2_OUTPUT as OUTPUT_NAME
 
 INPUT_NAME = "image"
@@ -50,15 +50,6 @@ def server_version() -> str:
 
 
 # ---------------------------------------------------------------- BYTES codec
-
-def serialize_bytes(elements: Sequence[bytes]) -> bytes:
-    """Concatenate elements, each prefixed by its 4-byte little-endian length (v2 BYTES raw layout)."""
-    parts: list[bytes] = []
-    for item in elements:
-        parts.append(_LEN.pack(len(item)))
-        parts.append(item)
-    return b"".join(parts)
-
 
 def deserialize_bytes(buffer: bytes | memoryview) -> list[bytes]:
     """Split a v2 BYTES raw buffer into its elements; a malformed buffer is InvalidInput."""

@@ -57,7 +57,7 @@ image-test: install tools image-tools
 	IMGSERVE_IMAGE_TEST=1 $(PY) -m pytest -ra tests/test_image.py $(PYTEST_ARGS)
 
 test: install tools
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 # The long reliability runs behind docs/reliability.md (minutes; not in CI): full-size head-of-line,
 # 10,000 requests at concurrency 64, SIGTERM/SIGINT under load, Triton faults, version swaps.

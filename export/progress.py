@@ -8,6 +8,7 @@ way, so a log still shows every stage exactly once.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable, TextIO
 
@@ -15,7 +16,12 @@ from tqdm.auto import tqdm
 
 
 def on_terminal(stream: TextIO | None = None) -> bool:
-    """True when ``stream`` (default stderr) is attached to a TTY."""
+    """True when ``stream`` (default stderr) is attached to a TTY and bars are not turned off.
+
+    IMGSERVE_NO_BARS=1 turns them off: parallel builds (export/build_jobs.py) share one terminal.
+    """
+    if os.environ.get("IMGSERVE_NO_BARS") == "1":
+        return False
     stream = sys.stderr if stream is None else stream
     try:
         return bool(stream.isatty())

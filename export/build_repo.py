@@ -200,10 +200,10 @@ class SceneRecipe:
 
 SCENE_RECIPES: dict[str, SceneRecipe] = {r.name: r for r in (
     SceneRecipe("centernet_scenes", {"task": "detection", "model": "centernet_tiny", **_SCENES_COMMON,
-                                     "epochs": "4"},
+                                     "pretrain-epochs": "4", "epochs": "3"},
                 "CenterNet-style detector (stride 4, 0.67M parameters) on generated scenes (128x128 letterbox)"),
     SceneRecipe("unet_scenes", {"task": "segmentation", "model": "unet_tiny", **_SCENES_COMMON,
-                                "epochs": "3"},
+                                "pretrain-epochs": "4", "epochs": "2"},
                 "small U-Net segmenter (0.75M parameters) on generated scenes (128x128 letterbox)"),
 )}
 

@@ -32,7 +32,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_toy_run_trains_exports_and_evaluates(scenes: Path, tmp_path: Path, task: str, model: str, metric: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "toy.yaml"
-    config.write_text(yaml.safe_dump({"model": model, "lr": 0.003, "epochs": 5}))  # the task comes from the model
+    # the task comes from the model; one epoch of object-crop pretraining runs first
+    config.write_text(yaml.safe_dump({"model": model, "lr": 0.003, "epochs": 5, "pretrain-epochs": 1}))
     out, repo = tmp_path / "run", tmp_path / "repo"
     assert main(["--config", str(config), "--data", str(scenes), *TOY, "--output", str(out),
                  "--export-to", str(repo), "--name", "toy"]) == 0
@@ -40,6 +41,8 @@ def test_toy_run_trains_exports_and_evaluates(scenes: Path, tmp_path: Path, task
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]  # the flag beat the file
     assert all(f"val_{metric}" in r and "train_loss" in r for r in metrics["epochs"])
     assert metrics["summary"]["task"] == task and metrics["summary"]["export_path"]
+    assert metrics["summary"]["pretrain_epochs"] == 1 and metrics["summary"]["pretrain_crops"] > 24  # several per scene
+    assert 0 < metrics["summary"]["pretrain_seconds"] < metrics["summary"]["train_seconds"]  # counted as training
     with Image.open(out / "metrics.png") as png:
         assert png.format == "PNG"
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -76,12 +79,14 @@ def test_model_of_another_task_is_a_usage_error(capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize("name", sorted(SCENE_RECIPES))
 def test_shipped_configs_match_the_default_repository_builders(name: str) -> None:
     """configs/<name>.yaml is exactly what build-repo trains; configs/<name>_full.yaml (the 3-minute recipe)
-    differs only in training length."""
+    differs only in training length (epochs and pretraining epochs)."""
     recipe = SCENE_RECIPES[name]
     shipped = yaml.safe_load((ROOT / "configs" / recipe.config_file).read_text())
     assert {k: str(v) for k, v in shipped.items()} == recipe.options
     full = yaml.safe_load((ROOT / "configs" / f"{name}_full.yaml").read_text())
-    assert {k: str(v) for k, v in full.items() if k != "epochs"} == {k: v for k, v in recipe.options.items() if k != "epochs"}
+    length = ("epochs", "pretrain-epochs")
+    assert {k: str(v) for k, v in full.items() if k not in length} == \
+        {k: v for k, v in recipe.options.items() if k not in length}
     task = load_task(recipe.options["task"])
     for path in (recipe.config_file, f"{name}_full.yaml"):
         args = common.parse_args(task, ["--config", str(ROOT / "configs" / path), "--data", "x"])

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import yaml
@@ -27,6 +27,7 @@ from export.engine import MetricsLog, load_checkpoint, save_checkpoint, seed_eve
 from export.models import ModelEntry, create_model, get_entry, list_models
 from export.onnx_export import ServingGraph
 from export.progress import progress_bar, stage_line
+from export.recipes.pretrain import PretrainResult, object_crops, pretrain_encoder
 from export.train import (BEST, CONFIG_FILE, LAST, TrainError, _config_layer, _DefaultsHelpFormatter, epoch_seed,
                           lr_factor, pick_device, resolved_config)
 
@@ -47,6 +48,15 @@ class DenseTask(Protocol):
 
     def evaluate(self, model: nn.Module, entry: ModelEntry, data: "Datasets", args: argparse.Namespace
                  ) -> dict[str, Any]: ...
+
+    def objects(self, data: "Datasets") -> Iterable[tuple[Any, np.ndarray, np.ndarray]]:
+        """Every training image with its objects' boxes (x1 y1 x2 y2, image pixels) and 0-based object classes,
+        for object-crop pretraining (export/recipes/pretrain.py)."""
+        ...
+
+    def object_classes(self, data: "Datasets") -> int:
+        """How many object classes ``objects`` labels."""
+        ...
 
     def export(self, model: nn.Module, entry: ModelEntry, data: "Datasets", args: argparse.Namespace,
                metrics: dict[str, Any]) -> Any: ...
@@ -97,6 +107,11 @@ def build_parser(task: DenseTask) -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=0.3, help="linear warmup length (may be fractional)")
     g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr of the cosine as a fraction of --lr")
     g.add_argument("--clip-grad", type=float, default=10.0, help="clip the gradient norm to this")
+    g = parser.add_argument_group("object-crop pretraining (export/recipes/pretrain.py)")
+    g.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="first train the encoder this many epochs to classify windows around the training objects (0: off)")
+    g.add_argument("--pretrain-lr", type=float, default=4e-3, help="peak AdamW learning rate of the pretraining")
+    g.add_argument("--pretrain-window", type=int, default=None, help="crop window side in input pixels (default: S/2)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--output", type=Path, default=None, help="run directory (default: runs/MODEL)")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
@@ -149,9 +164,14 @@ def _validate(task: DenseTask, args: argparse.Namespace) -> None:
         raise TrainError("need --lr > 0, --weight-decay >= 0 and --workers >= 0")
     if not 0 < args.zoom_min <= args.zoom_max or args.aspect < 0 or not 0 <= args.hflip <= 1 or args.colour < 0:
         raise TrainError("need 0 < --zoom-min <= --zoom-max, --aspect >= 0, 0 <= --hflip <= 1, --colour >= 0")
+    if args.pretrain_epochs < 0 or args.pretrain_lr <= 0:
+        raise TrainError("need --pretrain-epochs >= 0 and --pretrain-lr > 0")
     if not 0 <= args.warmup_epochs <= args.epochs or not 0 <= args.min_lr_ratio <= 1:
         raise TrainError("need 0 <= --warmup-epochs <= --epochs and 0 <= --min-lr-ratio <= 1")
     args.size = args.size or entry.crop
+    args.pretrain_window = args.pretrain_window or args.size // 2
+    if not 8 <= args.pretrain_window <= args.size:
+        raise TrainError(f"--pretrain-window must be in [8, {args.size}] (the input side)")
     if args.output is None:
         args.output = Path("runs") / args.model
     if args.name is None:
@@ -234,6 +254,11 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
     extra = {"model": args.model, "task": task.name, "labels": data.labels, "size": args.size, "config": config}
     best, best_epoch, best_metrics = -1.0, 0, {}
     run_start = time.perf_counter()
+    if args.pretrain_epochs:
+        pretrained = pretrain(task, model, entry, data, args, device)
+        log.summary.update({"pretrain_epochs": pretrained.epochs, "pretrain_crops": pretrained.crops,
+                            "pretrain_crop_accuracy": pretrained.train_accuracy,
+                            "pretrain_seconds": pretrained.seconds})
     for epoch in range(1, args.epochs + 1):
         seed_everything(epoch_seed(args.seed, epoch))
         loader.generator.manual_seed(epoch_seed(args.seed, epoch))
@@ -272,6 +297,18 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
                             "export_parity": exported.parity.to_dict()})
         log.write(plot=False)
     return result
+
+
+def pretrain(task: DenseTask, model: nn.Module, entry: ModelEntry, data: Datasets, args: argparse.Namespace,
+             device: torch.device) -> PretrainResult:
+    """Object-crop pretraining of ``model.encoder`` on the training split (export/recipes/pretrain.py)."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module) or not hasattr(encoder, "widths"):
+        raise TrainError(f"--pretrain-epochs needs a model with an encoder (.encoder.widths); {args.model} has none")
+    crops = object_crops(task.objects(data), args.size, args.pretrain_window)
+    return pretrain_encoder(encoder, crops, num_classes=task.object_classes(data), mean=entry.mean, std=entry.std,
+                            epochs=args.pretrain_epochs, lr=args.pretrain_lr, seed=args.seed, device=device,
+                            progress=args.progress, label=f"{args.model} pretrain")
 
 
 def main(task: DenseTask, argv: Sequence[str] | None = None) -> int:

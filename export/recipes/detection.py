@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,15 @@ class DetectionTask:
         train.transforms = CenterNetSample(args, len(train.classes), stride=DETECTOR_STRIDE)
         return common.Datasets(train=train, val=val, labels=list(train.classes),
                                extra={"annotations": val_split.annotations})
+
+    def objects(self, data: common.Datasets) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        train: CocoDetection = data.train
+        for index in range(len(train)):
+            image, target = train.raw(index)
+            yield image, target["boxes"], target["labels"]
+
+    def object_classes(self, data: common.Datasets) -> int:
+        return len(data.labels)
 
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from export.evaluation.scoring import score_masks
 from export.models import ModelEntry
 from export.onnx_export import ServingGraph
 from export.recipes import common
+from export.recipes.pretrain import mask_objects
 
 
 AUX_WEIGHT = 0.4
@@ -85,6 +86,16 @@ class SegmentationTask:
         train = VocSegmentation(train_split.images, train_split.masks, transforms=MaskSample(args), cache=args.cache)
         val = VocSegmentation(val_split.images, val_split.masks, cache=True)
         return common.Datasets(train=train, val=val, labels=read_class_names(args.data))
+
+    def objects(self, data: common.Datasets) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        train: VocSegmentation = data.train
+        for index in range(len(train)):
+            image, mask = train.raw(index)
+            boxes, labels = mask_objects(np.asarray(mask), len(data.labels), void=VOID)
+            yield image, boxes, labels
+
+    def object_classes(self, data: common.Datasets) -> int:
+        return len(data.labels) - 1  # the background is no object
 
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:

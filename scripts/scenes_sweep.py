@@ -3,6 +3,7 @@
     python scripts/scenes_sweep.py --recipes default --seeds 0 1 2 3 4      # what build-repo trains (calibrates tests)
     python scripts/scenes_sweep.py --recipes full --seeds 0 1 2              # the 3-minute recipes (configs/*_full.yaml)
     python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
+    python scripts/scenes_sweep.py --recipes full --keep-all runs/sweep_repos  # then: scripts/tta_gain.py on them
 
 For each seed: generate a scenes dataset with that seed (build-repo's sizes, plus 200 held-out test
 scenes; kept in OUT/data for the next recipe), train each recipe with ``--seed`` set to it, export into a scratch repository (parity and batch
@@ -73,6 +74,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_sweep")
+    parser.add_argument("--keep-all", type=Path, default=None,
+                        help="copy every (recipe, seed) repository to DIR/RECIPE/seedN (e.g. for scripts/tta_gain.py)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy the first seed's repository and runs of the first recipe here (DIR/model_repository, DIR/runs: the "
                              "layout IMGSERVE_TEST_DEFAULT_REPOSITORY=DIR/model_repository expects)")
@@ -97,6 +100,10 @@ def main() -> int:
                     paths[which].write_text(json.dumps(results[which], indent=2) + "\n")
                     shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}
                     print(f"seed {seed} {which} {name}: test {shown}, train {row['train_seconds']:.0f}s", flush=True)
+                if args.keep_all is not None:
+                    import shutil
+
+                    shutil.copytree(work / "repo", args.keep_all / which / f"seed{seed}", dirs_exist_ok=True)
                 if args.keep is not None and seed == args.seeds[0] and which == args.recipes[0]:
                     import shutil
 

@@ -245,10 +245,10 @@ def _scene_builder(recipe: SceneRecipe) -> DefaultModel:
                         cost=BUILD_SECONDS[recipe.name])
 
 
-# Seconds each default model took to build on an idle 2-core machine (training, export, and the first
-# user's share of a shared dataset): only the order of a parallel build depends on them.
-BUILD_SECONDS: dict[str, float] = {"lenet5": 20, "resnet20": 60, "alexnet_cifar": 160, "densenet_cifar": 255,
-                                   "centernet_scenes": 150, "unet_scenes": 160}
+# Seconds each default model took to build on an idle 2-core machine, one at a time on two threads (training,
+# export, and a shared dataset for the first to need it): only the order of a parallel build depends on them.
+BUILD_SECONDS: dict[str, float] = {"lenet5": 24, "resnet20": 61, "alexnet_cifar": 136, "densenet_cifar": 205,
+                                   "centernet_scenes": 138, "unet_scenes": 107}
 
 # The report lists builders in this order; other trainers append theirs (one function each).
 DEFAULT_BUILDERS: list[DefaultModel] = [

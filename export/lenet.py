@@ -77,7 +77,7 @@ def train_lenet(out_dir: Path, epochs: int = DEFAULT_EPOCHS, seed: int = 0, *, l
         log.append(epoch, **stats_dict("train", stats), **stats_dict("test", test))
         log.write(plot=False)
         if progress:
-            print(f"epoch {epoch:2d}/{epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f} | "
+            print(f"lenet5 epoch {epoch:2d}/{epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f} | "
                   f"test loss {test.loss:.4f} acc {test.accuracy:.4f}", file=sys.stderr)
     train_seconds = time.perf_counter() - start
     assert test is not None

@@ -539,7 +539,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         log.append(epoch, **stats_dict("train", stats), **stats_dict("val", val))
         log.write(plot=True)
         if args.progress:
-            print(f"epoch {epoch}/{args.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f} | "
+            print(f"{args.name} epoch {epoch}/{args.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f} | "
                   f"val loss {val.loss:.4f} acc {val.accuracy:.4f} | lr {stats.lr:.4g} | {stats.seconds:.1f}s",
                   file=sys.stderr)
     train_seconds = time.perf_counter() - run_start

@@ -79,7 +79,8 @@ def adapter_metric_names() -> frozenset[str]:
             names.add(alias)
     return frozenset(names)
 # Subcommands whose flags live under a sub-subcommand.
-EXTRA_HELP_ARGV = {"make-dataset": (["shapes", "--help"], ["scenes", "--help"]), "bench": (["--compare", "--help"],)}
+EXTRA_HELP_ARGV = {"make-dataset": (["shapes", "--help"], ["scenes", "--help"]), "bench": (["--compare", "--help"],),
+                   "train": (["--task", "detection", "--help"], ["--task", "segmentation", "--help"])}
 
 DOCS: list[Doc] = load_docs(ROOT, DOC_FILES)
 BLOCKS: list[Block] = [b for d in DOCS for b in d.blocks if b.lang in ("bash", "sh", "shell", "python", "console")]

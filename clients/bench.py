@@ -118,7 +118,8 @@ class StepResult:
     images_per_s: float
     latency: LatencySummary | None
     client_cpu_s: float = 0.0     # CPU the load generator itself used during the step (it may share the host)
-    warmup_requests: int = 0      # requests started during the warm-up (not counted above)
+    warmup_requests: int = 0      # requests that finished before the window opened (not counted above)
+    drained: bool = False         # nothing finished inside the window: counted the requests started in it
 
     @property
     def error_count(self) -> int:
@@ -213,27 +214,64 @@ def make_batches(images: Sequence[bytes], batch: int) -> list[list[bytes]]:
 ProgressFactory = Callable[[int], Any]  # concurrency -> a tqdm-like bar (update/set_postfix_str/close)
 
 
-class _Recorder:
-    """Per-step measurements shared by the workers of that step (one event loop, no locks needed)."""
+class ClosedLoopWindow:
+    """What one closed-loop step measured: the requests that *finished* inside ``[start, end)``.
 
-    def __init__(self, window_start: float) -> None:
-        self.window_start = window_start
-        self.latencies: list[float] = []
-        self.images = 0
-        self.errors: Counter[str] = Counter()
-        self.last_done = window_start
-        self.warmup_requests = 0
+    Why finished and not started: with c requests in flight, each taking L seconds,
+    counting those started in the window and dividing by the time until the last of them
+    finished puts the drain (up to L) in the denominator, so throughput reads W / (W + L)
+    of the truth. That is half when a request takes as long as the window, which 10-crop
+    requests at c=32 did. Completions inside a fixed window are what the server delivered
+    at steady state, as perf_analyzer counts them. Only when nothing finished inside the
+    window (one request outlasts it) does the step fall back to the requests started in it
+    over the time until the last finished, and ``drained`` says so.
+    One event loop (or one thread) records into it: no locks.
+    """
 
-    def record(self, started: float, done: float, ok: bool, code: str, images: int) -> None:
-        if started < self.window_start:
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, end
+        self._latencies: list[float] = []
+        self._images = 0
+        self._errors: Counter[str] = Counter()
+        self._late: list[tuple[float, int, str | None]] = []   # started inside, finished after the end
+        self._last_done = start
+        self.warmup_requests = 0                                 # finished before the window opened
+
+    def record(self, started: float, done: float, images: int, error: str | None) -> None:
+        if done < self.start:
             self.warmup_requests += 1
-            return
-        self.last_done = max(self.last_done, done)
-        if ok:
-            self.latencies.append(done - started)
-            self.images += images
-        else:
-            self.errors[code] += 1
+        elif done < self.end:
+            if error is None:
+                self._latencies.append(done - started)
+                self._images += images
+            else:
+                self._errors[error] += 1
+        elif started >= self.start:
+            self._late.append((done - started, images, error))
+            self._last_done = max(self._last_done, done)
+
+    @property
+    def drained(self) -> bool:
+        """True when no request finished inside the window and the late ones are what is reported."""
+        return not self._latencies and not self._errors and bool(self._late)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [lat for lat, _, err in self._late if err is None] if self.drained else self._latencies
+
+    @property
+    def images(self) -> int:
+        return sum(n for _, n, err in self._late if err is None) if self.drained else self._images
+
+    @property
+    def errors(self) -> dict[str, int]:
+        if self.drained:
+            return dict(Counter(err for _, _, err in self._late if err is not None))
+        return dict(self._errors)
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(self._last_done - self.start, 1e-9) if self.drained else self.end - self.start
 
 
 RequestFn = Callable[[Sequence[bytes]], Awaitable[Any]]
@@ -261,7 +299,7 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
     start = clock()
     window_start = start + config.warmup_s
     window_end = window_start + config.duration_s
-    rec = _Recorder(window_start)
+    rec = ClosedLoopWindow(window_start, window_end)
     send = send or request_for_task(client, config, "classification")
 
     async def worker(worker_id: int) -> None:
@@ -277,7 +315,7 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
                 ok, code = True, "OK"
             except ImgserveError as exc:
                 ok, code = False, exc.code
-            rec.record(started, clock(), ok, code, len(payload))
+            rec.record(started, clock(), len(payload), None if ok else code)
 
     shown = 0
 
@@ -305,12 +343,12 @@ async def run_step(client: AsyncImageClient, config: BenchConfig, batches: Seque
             show(window_end)
             progress.refresh()
             progress.close()
-    elapsed = max(rec.last_done - window_start, 1e-9) if (rec.latencies or rec.errors) else config.duration_s
+    latencies, elapsed = rec.latencies, rec.elapsed_s
     return StepResult(
-        concurrency=concurrency, requests=len(rec.latencies), images=rec.images, errors=dict(rec.errors),
-        elapsed_s=elapsed, requests_per_s=len(rec.latencies) / elapsed, images_per_s=rec.images / elapsed,
-        latency=LatencySummary.from_seconds(rec.latencies), client_cpu_s=time.process_time() - cpu_start,
-        warmup_requests=rec.warmup_requests,
+        concurrency=concurrency, requests=len(latencies), images=rec.images, errors=rec.errors,
+        elapsed_s=elapsed, requests_per_s=len(latencies) / elapsed, images_per_s=rec.images / elapsed,
+        latency=LatencySummary.from_seconds(latencies), client_cpu_s=time.process_time() - cpu_start,
+        warmup_requests=rec.warmup_requests, drained=rec.drained,
     )
 
 

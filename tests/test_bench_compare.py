@@ -41,6 +41,17 @@ def test_ratios_are_taken_within_a_round_then_summarised() -> None:
     assert "gateway/ort 0.62 [0.50-0.75]" in table and table.count("\n") >= 5
 
 
+def test_a_drained_window_is_flagged_in_the_table() -> None:
+    """A rate from a round where no request finished inside the window is biased low: the table says so."""
+    drained = step(P.GATEWAY, 1, 3.0)
+    drained.drained = True
+    cells = {c.path: c for c in summarise([step(P.GATEWAY, 0, 7.0), drained, step(P.ORT, 0, 9.0)])}
+    assert cells[P.GATEWAY].drained == 1 and cells[P.ORT].drained == 0
+    table = format_table(list(cells.values()))
+    assert "3.0-7.0]*" in table and "outlasted the measured window" in table
+    assert "outlasted" not in format_table([cells[P.ORT]])
+
+
 def test_config_rejects_unknown_paths() -> None:
     with pytest.raises(ValueError, match="unknown paths"):
         CompareConfig(model_repository=Path("."), models=("m",), paths=("ort", "nginx"))

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import os
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.bench import LatencySummary
+from clients.bench import ClosedLoopWindow, LatencySummary
 from serving.compare.payloads import crops, predecoded_batch
 from serving.repository import ModelSpec
 
@@ -56,36 +55,23 @@ class StepStats:
     images_per_s: float
     latency: LatencySummary | None
     client_cpu_s: float
+    drained: bool = False          # nothing finished inside the window (see ClosedLoopWindow)
     load_average_1m: float | None = field(default=None)
 
 
-class _Window:
-    """Collects a step's samples: requests started in the measured window count, warm-up ones do not."""
+class _Window(ClosedLoopWindow):
+    """A step's measured window (after ``warmup_s``); see ClosedLoopWindow for what it counts."""
 
     def __init__(self, warmup_s: float, duration_s: float) -> None:
-        self.start = time.perf_counter() + warmup_s
-        self.end = self.start + duration_s
-        self.latencies: list[float] = []
-        self.images = 0
-        self.errors: Counter[str] = Counter()
-        self.last_done = self.start
-
-    def record(self, started: float, done: float, images: int, error: str | None) -> None:
-        if started < self.start:
-            return
-        self.last_done = max(self.last_done, done)
-        if error is None:
-            self.latencies.append(done - started)
-            self.images += images
-        else:
-            self.errors[error] += 1
+        start = time.perf_counter() + warmup_s
+        super().__init__(start, start + duration_s)
 
     def stats(self, path: str, model: str, size: int, concurrency: int, rnd: int, cpu_s: float) -> StepStats:
-        elapsed = max(self.last_done - self.start, 1e-9)
+        elapsed = self.elapsed_s
         return StepStats(path=path, model=model, image_size=size, concurrency=concurrency, round=rnd,
-                         images=self.images, errors=dict(self.errors), elapsed_s=elapsed,
+                         images=self.images, errors=self.errors, elapsed_s=elapsed,
                          images_per_s=self.images / elapsed, latency=LatencySummary.from_seconds(self.latencies),
-                         client_cpu_s=cpu_s,
+                         client_cpu_s=cpu_s, drained=self.drained,
                          load_average_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
 

@@ -27,8 +27,12 @@ def format_table(cells: list[CellSummary]) -> str:
     order = {p: i for i, p in enumerate(P.ALL_PATHS + P.OPTIONAL_PATHS)}
     for c in sorted(cells, key=lambda c: (c.model, c.image_size, c.concurrency, order[c.path])):
         ratios = "  ".join(f"{name} {_fmt(s, 2)}" for name, s in c.ratios.items())
-        lines.append(f"{c.model:<12} {c.image_size:>4} {c.concurrency:>3} {c.path:<15} {_fmt(c.images_per_s):>28} "
+        rate = _fmt(c.images_per_s) + ("*" if c.drained else "")
+        lines.append(f"{c.model:<12} {c.image_size:>4} {c.concurrency:>3} {c.path:<15} {rate:>28} "
                      f"{_fmt(c.p50_ms, 2):>22} {_fmt(c.p99_ms, 2):>22} {c.errors:>4}  {ratios}")
+    if any(c.drained for c in cells):
+        lines.append("* a request outlasted the measured window in some round: that rate counts the requests "
+                     "started in it over the time until they finished (biased low); use a longer --duration")
     lines.append("paths: " + "; ".join(f"{p} = {P.DESCRIPTIONS[p]}" for p in order if any(c.path == p for c in cells)))
     return "\n".join(lines)
 

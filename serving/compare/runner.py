@@ -72,6 +72,7 @@ class CellSummary:
     errors: int
     rounds: int
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)   # name -> median/min/max of per-round ratios
+    drained: int = 0                          # rounds where no request finished inside the window
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -92,7 +93,8 @@ def summarise(steps: Sequence[P.StepStats]) -> list[CellSummary]:
             summary = CellSummary(model=model, image_size=size, concurrency=conc, path=path,
                                   images_per_s=spread([r.images_per_s for r in runs]),
                                   p50_ms=spread([x.p50_ms for x in lat]), p99_ms=spread([x.p99_ms for x in lat]),
-                                  errors=sum(sum(r.errors.values()) for r in runs), rounds=len(runs))
+                                  errors=sum(sum(r.errors.values()) for r in runs), rounds=len(runs),
+                                  drained=sum(r.drained for r in runs))
             for num, den, name in RATIOS:
                 if path != num or den not in by_path:
                     continue

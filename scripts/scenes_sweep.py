@@ -41,10 +41,17 @@ def recipe_options(name: str, which: str) -> dict[str, str]:
     return {k: str(v) for k, v in yaml.safe_load((ROOT / "configs" / f"{name}_full.yaml").read_text()).items()}
 
 
+def _flag(key: str, value: str) -> list[str]:
+    """A config entry as ``imgserve train`` flags: YAML booleans are switches (--key / --no-key)."""
+    if value in ("True", "False"):
+        return [f"--{key}" if value == "True" else f"--no-{key}"]
+    return [f"--{key}", value]
+
+
 def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: int | None) -> dict:
     options = recipe_options(name, which)
     options["seed"] = str(seed)
-    argv = [item for k, v in options.items() for item in (f"--{k}", v)]
+    argv = [item for k, v in options.items() for item in _flag(k, v)]
     argv += ["--data", str(data), "--output", str(work / "runs" / name), "--overwrite", "--export-to",
              str(work / "repo"), "--name", name, "--no-progress"]
     if threads:

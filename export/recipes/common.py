@@ -12,6 +12,7 @@ export/onnx_export.py's ServingGraph.logits), so training and serving cannot nor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,12 @@ def build_parser(task: DenseTask) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="bf16: autocast convolutions to bfloat16 in training (weights, losses and export stay "
+                        "float32), ~1.3x faster end to end on CPUs with AMX or AVX512-BF16, slower on others; "
+                        "auto: bf16 where the CPU (or GPU) does bfloat16 natively, else off")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="train in NHWC memory layout (oneDNN's native one; ~15%% faster convolutions on CPU)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="report progress: a line per epoch, plus live bars when stderr is a terminal")
     g = parser.add_argument_group("export")
@@ -195,16 +202,58 @@ def _scalar_metrics(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, 
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+AMP_MODES = ("off", "bf16", "auto")
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bfloat16 in hardware (Intel AMX or AVX512-BF16; AMD Zen 4 has the latter).
+
+    Elsewhere oneDNN emulates bfloat16 and autocast makes training slower, not faster.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return any(flag in flags for flag in _NATIVE_BF16_FLAGS)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device does bfloat16 natively, else ``off``; other modes as given."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
+
+
+def autocast(device: torch.device, amp: str) -> Any:
+    """The training forward's precision context: bf16 autocast for ``amp == "bf16"``, else nothing.
+
+    Only the forward pass is cast (convolutions and matmuls in bfloat16, accumulation in float32):
+    the weights, their gradients and the optimizer state stay float32, and the recipes' losses cast
+    logits back to float32, so no loss scaling is needed (bfloat16 has float32's exponent range).
+    """
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if amp != "off":
+        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
+    return contextlib.nullcontext()
+
+
 def train_epoch(task: DenseTask, model: nn.Module, graph: ServingGraph, loader: Any, optimizer: torch.optim.Optimizer,
-                scheduler: Any, device: torch.device, *, clip: float | None, progress: bool, desc: str
-                ) -> dict[str, float]:
+                scheduler: Any, device: torch.device, *, clip: float | None, progress: bool, desc: str,
+                amp: str = "off") -> dict[str, float]:
     """One pass over ``loader``; returns sample-weighted mean loss (and parts), the final lr and seconds."""
     model.train()
     start, seen = time.perf_counter(), 0
     sums: dict[str, float] = {}
     bar = progress_bar(loader, enabled=progress, desc=desc, leave=False, unit="batch")
     for batch in bar:
-        loss, parts = task.loss(model, graph, batch, device)
+        with autocast(device, amp):
+            loss, parts = task.loss(model, graph, batch, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} after {seen} samples; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -230,6 +279,7 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device = pick_device(args.device)
+    args.amp = resolve_amp(args.amp, device)   # config.yaml and metrics.json record what this run used
     entry = get_entry(args.model)
     out: Path = args.output
     if (out / LAST).exists() and not args.overwrite:
@@ -238,6 +288,8 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
     seed_everything(args.seed)
     data = task.datasets(args, entry)
     model = create_model(args.model, len(data.labels), init=args.init).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # the graph's NHWC -> NCHW permute already is channels-last
     graph = ServingGraph(model, entry.mean, entry.std, channels=entry.channels, crop=args.size).to(device)
     loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, collate_fn=data.collate,
@@ -263,7 +315,7 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
         seed_everything(epoch_seed(args.seed, epoch))
         loader.generator.manual_seed(epoch_seed(args.seed, epoch))
         stats = train_epoch(task, model, graph, loader, optimizer, scheduler, device, clip=args.clip_grad,
-                            progress=args.progress, desc=f"{args.model} epoch {epoch}/{args.epochs}")
+                            progress=args.progress, desc=f"{args.model} epoch {epoch}/{args.epochs}", amp=args.amp)
         t0 = time.perf_counter()
         metrics = task.evaluate(model, entry, data, args)
         val_seconds = time.perf_counter() - t0
@@ -282,10 +334,11 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
                    f"{stats['train_seconds']:.1f}s + val {val_seconds:.1f}s", enabled=args.progress)
     train_seconds = time.perf_counter() - run_start
     load_checkpoint(out / BEST, model, map_location=device)
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     log.summary.update({"model": args.model, "task": task.name, "labels": data.labels, "size": args.size,
                         "epochs": args.epochs, "best_epoch": best_epoch, "train_seconds": train_seconds,
                         "train_samples": len(data.train), "val_samples": len(data.val), "device": str(device),
+                        "amp": args.amp,
                         "checkpoint": str(out / BEST), **{f"val_{k}": v for k, v in best_metrics.items()}})
     log.write(plot=True)
     result = DenseResult(output=out, labels=data.labels, best_epoch=best_epoch, metrics=best_metrics,
@@ -308,7 +361,8 @@ def pretrain(task: DenseTask, model: nn.Module, entry: ModelEntry, data: Dataset
     crops = object_crops(task.objects(data), args.size, args.pretrain_window)
     return pretrain_encoder(encoder, crops, num_classes=task.object_classes(data), mean=entry.mean, std=entry.std,
                             epochs=args.pretrain_epochs, lr=args.pretrain_lr, seed=args.seed, device=device,
-                            progress=args.progress, label=f"{args.model} pretrain")
+                            progress=args.progress, label=f"{args.model} pretrain",
+                            precision=lambda: autocast(device, args.amp))
 
 
 def main(task: DenseTask, argv: Sequence[str] | None = None) -> int:

@@ -84,7 +84,7 @@ class DetectionTask:
     def loss(self, model: nn.Module, graph: ServingGraph, batch: Sequence[torch.Tensor], device: torch.device
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, heatmap, box, weight = (t.to(device) for t in batch)
-        heat, ltrb = graph.logits(images)
+        heat, ltrb = (t.float() for t in graph.logits(images))   # float32 losses under --amp bf16
         return centernet_loss(heat, ltrb, {"heatmap": heatmap, "box": box, "weight": weight}, stride=model.stride)
 
     @torch.no_grad()

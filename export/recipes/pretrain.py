@@ -19,9 +19,10 @@ keeps its weights and BatchNorm statistics.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -115,7 +116,8 @@ class _CropClassifier(nn.Module):
 def pretrain_encoder(encoder: nn.Module, crops: ObjectCrops, *, num_classes: int, mean: Sequence[float],
                      std: Sequence[float], epochs: int, lr: float, batch_size: int = 32, weight_decay: float = 1e-4,
                      seed: int = 0, device: torch.device = torch.device("cpu"), progress: bool = True,
-                     label: str = "pretrain") -> PretrainResult:
+                     label: str = "pretrain", precision: Callable[[], Any] = contextlib.nullcontext
+                     ) -> PretrainResult:
     """Train ``encoder`` (in place) to classify ``crops`` (see the module docstring)."""
     start = time.perf_counter()
     classifier = _CropClassifier(encoder, num_classes).to(device)
@@ -141,7 +143,8 @@ def pretrain_encoder(encoder: nn.Module, crops: ObjectCrops, *, num_classes: int
             flip = torch.rand(len(index), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(2), batch).to(device)
             target = labels[index].to(device)
-            logits = graph.logits(batch)
+            with precision():                     # the recipe's autocast (--amp), if any
+                logits = graph.logits(batch).float()
             loss = F.cross_entropy(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -29,35 +29,25 @@ from export.data.make_dataset import ScenesLayout, make_scenes  # noqa: E402
 from export.evaluation.cli import evaluate_detector, evaluate_segmenter  # noqa: E402
 from export.evaluation.predictors import repository_predictor  # noqa: E402
 from export.recipes import common, load_task  # noqa: E402
+from export.train import task_of  # noqa: E402
 
 TEST_SCENES = 200
 
 
-def recipe_options(name: str, which: str) -> dict[str, str]:
-    import yaml
-
-    if which == "default":
-        return dict(SCENE_RECIPES[name].options)
-    return {k: str(v) for k, v in yaml.safe_load((ROOT / "configs" / f"{name}_full.yaml").read_text()).items()}
-
-
-def _flag(key: str, value: str) -> list[str]:
-    """A config entry as ``imgserve train`` flags: YAML booleans are switches (--key / --no-key)."""
-    if value in ("True", "False"):
-        return [f"--{key}" if value == "True" else f"--no-{key}"]
-    return [f"--{key}", value]
+def recipe_config(name: str, which: str) -> Path:
+    """The config file of a recipe: the default build's (equal to build-repo's options; tested) or the full one."""
+    return ROOT / "configs" / (SCENE_RECIPES[name].config_file if which == "default" else f"{name}_full.yaml")
 
 
 def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: int | None) -> dict:
-    options = recipe_options(name, which)
-    options["seed"] = str(seed)
-    argv = [item for k, v in options.items() for item in _flag(k, v)]
-    argv += ["--data", str(data), "--output", str(work / "runs" / name), "--overwrite", "--export-to",
-             str(work / "repo"), "--name", name, "--no-progress"]
+    config = recipe_config(name, which)
+    argv = ["--config", str(config), "--seed", str(seed), "--data", str(data), "--output", str(work / "runs" / name),
+            "--overwrite", "--export-to", str(work / "repo"), "--name", name, "--no-progress"]
     if threads:
         argv += ["--threads", str(threads)]
-    task = load_task(options["task"])
-    result = common.run(task, common.parse_args(task, argv))
+    task = load_task(task_of(["--config", str(config)]))
+    args = common.parse_args(task, argv)
+    result = common.run(task, args)
     spec, predictor = repository_predictor(work / "repo" / name, threads=threads or 1)
     test = ScenesLayout(data, "test")
     if spec.task == "detection":
@@ -65,7 +55,7 @@ def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: i
     else:
         scores = evaluate_segmenter(predictor, test.images, test.masks, spec.labels).to_dict()  # type: ignore[arg-type]
     return {"model": name, "recipe": which, "seed": seed, "train_seconds": result.train_seconds,
-            "epochs": int(options["epochs"]), "val": {k: v for k, v in result.metrics.items() if isinstance(v, float)},
+            "epochs": args.epochs, "val": {k: v for k, v in result.metrics.items() if isinstance(v, float)},
             "test": scores, "parity": result.export.parity.to_dict()}
 
 

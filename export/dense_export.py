@@ -11,7 +11,9 @@ the graph like the classifiers' (export/onnx_export.py's ServingGraph).
   [N, C, S, S] (softmax; the gateway flips and resizes it), labels.txt starting with background.
 
 Before anything is written, onnxruntime must agree with PyTorch (detector boxes within 1e-3 px and
-identical classes and counts, segmenter masks identical) on sample images, and each image must
+the same detections, classes and scores within SCORE_ATOL, except those within SCORE_ATOL of the
+reporting floor or of the K-th score; segmenter masks identical except at
+near-ties within TIE_MARGIN, probabilities within PROB_ATOL) on sample images, and each image must
 give the same answer alone (batch 1) as inside a batch of 8.
 """
 from __future__ import annotations
@@ -35,8 +37,17 @@ from serving.repository import MODEL_FILE, ModelSpec, Preprocess, TensorSpec, ne
 DETECTION_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 SEGMENTATION_OUTPUTS = ("labels", "probabilities")
 BOX_ATOL = 1e-3      # pixels
-SCORE_ATOL = 1e-4
-PROB_ATOL = 1e-4
+# Scores are sigmoids; on trained toy detectors PyTorch and onnxruntime differed by up to 9.9e-5, so
+# 1e-4 had no headroom. 1e-3 moves no ranking or threshold that matters.
+SCORE_ATOL = 1e-3
+# Probabilities are compared absolutely; 1e-4 failed on a float32 U-Net (6e-4 between PyTorch's oneDNN
+# and onnxruntime's MLAS convolutions, which sum in other orders). 2e-3 is still far below anything that
+# moves a served mask or a flip-averaged probability.
+PROB_ATOL = 2e-3
+# A pixel whose two most probable classes are closer than this is a tie that two correct engines may
+# break either way; it is reported, not failed (at most MAX_TIE_FRACTION of the pixels).
+TIE_MARGIN = 2 * PROB_ATOL
+MAX_TIE_FRACTION = 1e-3
 INVARIANCE_BATCH = 8
 DEFAULT_SCORE_THRESHOLD = 0.3
 DEFAULT_MAX_DETECTIONS = 100
@@ -75,38 +86,83 @@ def segmentation_outputs(num_classes: int, size: int) -> tuple[TensorSpec, ...]:
 
 # ------------------------------------------------------------------ checks
 
-def _compare_detections(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Max box and score differences between two detector outputs; raises if counts or classes differ.
+def _matches(num: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, i: int,
+             klass: int, score: float) -> np.ndarray:
+    """Rows of image ``i`` of one output with class ``klass`` and a score within SCORE_ATOL of ``score``."""
+    n = int(num[i, 0])
+    return np.flatnonzero((classes[i, :n] == klass) & (np.abs(scores[i, :n] - score) <= SCORE_ATOL))
+
+
+def _decided_cutoff(a: Sequence[np.ndarray], b: Sequence[np.ndarray], i: int, floor: float) -> float:
+    """The score from which both outputs must hold a detection of image ``i``.
+
+    Below it a detection may be in one output and not the other without either being wrong: it sits
+    within SCORE_ATOL of the reporting floor, or of the K-th score when the top-K is full.
+    """
+    cutoff = floor + SCORE_ATOL
+    for num, scores in ((a[0], a[2]), (b[0], b[2])):
+        n, k = int(num[i, 0]), scores.shape[1]
+        if n == k:
+            cutoff = max(cutoff, float(scores[i, k - 1]) + 2 * SCORE_ATOL)
+    return cutoff
+
+
+def _compare_detections(a: Sequence[np.ndarray], b: Sequence[np.ndarray], floor: float = SCORE_FLOOR
+                        ) -> tuple[float, float]:
+    """Max box and score differences between two detector outputs; raises if they disagree on a detection.
 
     Detections are matched by class and score within each image rather than by row, so two nearly equal
-    scores that trade places between runtimes are not a failure.
+    scores that trade places between runtimes are not a failure. Every detection scoring at least
+    ``_decided_cutoff`` in either output needs a counterpart in the other; one nearer the floor (or the
+    K-th score) than SCORE_ATOL may be missing from one side, since engines that sum in other orders
+    legitimately put it on either side of the cut.
     """
-    num_a, boxes_a, scores_a, classes_a = a
-    num_b, boxes_b, scores_b, classes_b = b
-    if not np.array_equal(num_a, num_b):
-        raise ExportError(f"detection counts differ: {num_a.ravel().tolist()} vs {num_b.ravel().tolist()}")
     box_diff = score_diff = 0.0
-    for i in range(len(num_a)):
-        n = int(num_a[i, 0])
-        for j in range(n):
-            same = np.flatnonzero((classes_b[i, :n] == classes_a[i, j]) &
-                                  (np.abs(scores_b[i, :n] - scores_a[i, j]) <= SCORE_ATOL))
-            if same.size == 0:
-                raise ExportError(f"image {i}: detection {j} (class {classes_a[i, j]}, score {scores_a[i, j]:.6f}) "
-                                  "has no counterpart")
-            diffs = np.abs(boxes_b[i, same] - boxes_a[i, j]).max(axis=1)
-            best = int(same[np.argmin(diffs)])
-            box_diff = max(box_diff, float(diffs.min()))
-            score_diff = max(score_diff, float(abs(scores_b[i, best] - scores_a[i, j])))
-        for out_b in (boxes_b, scores_b, classes_b):
-            if np.any(out_b[i, n:] != 0):
-                raise ExportError(f"image {i}: rows from num_detections ({n}) on are not zero")
+    for i in range(len(a[0])):
+        cutoff = _decided_cutoff(a, b, i, floor)
+        for this, other, side in ((a, b, "first"), (b, a, "second")):
+            num, boxes, scores, classes = this
+            for j in range(int(num[i, 0])):
+                if scores[i, j] < cutoff:
+                    continue
+                same = _matches(*other, i, int(classes[i, j]), float(scores[i, j]))
+                if same.size == 0:
+                    raise ExportError(f"image {i}: detection {j} of the {side} output (class {classes[i, j]}, "
+                                      f"score {scores[i, j]:.6f}) has no counterpart within {SCORE_ATOL:g}")
+                diffs = np.abs(other[1][i, same] - boxes[i, j]).max(axis=1)
+                best = int(same[np.argmin(diffs)])
+                box_diff = max(box_diff, float(diffs.min()))
+                score_diff = max(score_diff, float(abs(other[2][i, best] - scores[i, j])))
+            n = int(num[i, 0])
+            for out in (boxes, scores, classes):
+                if np.any(out[i, n:] != 0):
+                    raise ExportError(f"image {i}: rows from num_detections ({n}) on are not zero")
     return box_diff, score_diff
 
 
-def _compare_masks(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[int, float]:
-    """Label pixels that differ and the max probability difference of two segmenter outputs."""
-    return int(np.count_nonzero(a[0] != b[0])), float(np.max(np.abs(a[1] - b[1])))
+@dataclass(frozen=True)
+class MaskComparison:
+    decided_differ: int   # pixels labelled differently where ``a`` is not a tie: always a failure
+    ties_differ: int      # pixels labelled differently where ``a``'s top two are within TIE_MARGIN
+    max_prob_diff: float
+
+    def failure(self, pixels: int) -> str | None:
+        if self.decided_differ:
+            return f"{self.decided_differ} mask pixels differ"
+        if self.ties_differ > MAX_TIE_FRACTION * pixels:
+            return f"{self.ties_differ} near-tie mask pixels differ (limit {MAX_TIE_FRACTION:g} of {pixels})"
+        if self.max_prob_diff > PROB_ATOL:
+            return f"probabilities differ by {self.max_prob_diff:.3g} (limit {PROB_ATOL:g})"
+        return None
+
+
+def _compare_masks(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> MaskComparison:
+    """How two segmenter outputs (labels, probabilities) differ, taking ``a`` as the reference."""
+    differ = a[0] != b[0]
+    top2 = np.sort(a[1], axis=1)[:, -2:]
+    tie = (top2[:, 1] - top2[:, 0]) < TIE_MARGIN
+    return MaskComparison(int(np.count_nonzero(differ & ~tie)), int(np.count_nonzero(differ & tie)),
+                          float(np.max(np.abs(a[1] - b[1]))))
 
 
 def _three_runs(graph: ServingGraph, onnx_path: Path, images: np.ndarray, names: Sequence[str]
@@ -129,10 +185,11 @@ class DenseParity:
     detections: int            # detections above the floor in the sample (detector); 0 for segmenters
     max_box_diff: float        # px, PyTorch vs onnxruntime (detector)
     max_score_diff: float
-    mask_pixels_differ: int    # PyTorch vs onnxruntime (segmenter)
+    mask_pixels_differ: int    # PyTorch vs onnxruntime (segmenter), where PyTorch's mask is not a near-tie
     max_prob_diff: float
     batch_max_diff: float      # batch of 8 vs batch 1 (boxes for detectors, probabilities for segmenters)
     batch_mask_pixels_differ: int
+    tie_pixels_differ: int = 0  # near-tie pixels (top two within TIE_MARGIN) labelled differently, both checks
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -146,11 +203,11 @@ def sample_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 def check_detector(graph: DetectionGraph, onnx_path: Path, images: np.ndarray) -> DenseParity:
     """PyTorch vs onnxruntime, and batch of 8 vs batch 1, on ``images`` (uint8 [n >= 8, S, S, 3])."""
     images, expected, batched, alone = _three_runs(graph, onnx_path, images, DETECTION_OUTPUTS)
-    box_diff, score_diff = _compare_detections(expected, batched)
+    box_diff, score_diff = _compare_detections(expected, batched, graph.floor)
     if box_diff > BOX_ATOL or score_diff > SCORE_ATOL:
         raise ExportError(f"detector parity failed: boxes differ by {box_diff:.3g} px (limit {BOX_ATOL}), "
                           f"scores by {score_diff:.3g}")
-    batch_box, batch_score = _compare_detections(batched, alone)
+    batch_box, batch_score = _compare_detections(batched, alone, graph.floor)
     if batch_box > BOX_ATOL or batch_score > SCORE_ATOL:
         raise ExportError(f"detector is not batch invariant: boxes differ by {batch_box:.3g} px between batch "
                           f"{len(images)} and batch 1")
@@ -158,16 +215,20 @@ def check_detector(graph: DetectionGraph, onnx_path: Path, images: np.ndarray) -
 
 
 def check_segmenter(graph: SegmentationGraph, onnx_path: Path, images: np.ndarray) -> DenseParity:
-    """PyTorch vs onnxruntime (identical masks), and batch of 8 vs batch 1 (identical masks)."""
+    """PyTorch vs onnxruntime, and batch of 8 vs batch 1: identical masks except at near-ties.
+
+    A pixel whose two most probable classes are within TIE_MARGIN may go either way between engines
+    that sum in different orders; such pixels are counted and allowed up to MAX_TIE_FRACTION.
+    """
     images, expected, batched, alone = _three_runs(graph, onnx_path, images, SEGMENTATION_OUTPUTS)
-    differ, prob_diff = _compare_masks(expected, batched)
-    batch_differ, batch_prob = _compare_masks(batched, alone)
-    if differ or prob_diff > PROB_ATOL:
-        raise ExportError(f"segmenter parity failed: {differ} mask pixels differ, probabilities by {prob_diff:.3g}")
-    if batch_differ or batch_prob > PROB_ATOL:
-        raise ExportError(f"segmenter is not batch invariant: {batch_differ} mask pixels differ between batch "
-                          f"{len(images)} and batch 1")
-    return DenseParity(len(images), 0, 0.0, 0.0, differ, prob_diff, batch_prob, batch_differ)
+    pixels = int(expected[0].size)
+    parity, batch = _compare_masks(expected, batched), _compare_masks(batched, alone)
+    if (why := parity.failure(pixels)) is not None:
+        raise ExportError(f"segmenter parity failed (PyTorch vs onnxruntime): {why}")
+    if (why := batch.failure(pixels)) is not None:
+        raise ExportError(f"segmenter is not batch invariant (batch {len(images)} vs batch 1): {why}")
+    return DenseParity(len(images), 0, 0.0, 0.0, parity.decided_differ, parity.max_prob_diff, batch.max_prob_diff,
+                       batch.decided_differ, parity.ties_differ + batch.ties_differ)
 
 
 def check_output_types(onnx_path: Path, outputs: Sequence[TensorSpec], images: np.ndarray) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from export.data.scenes import SCENE_CLASSES, ScenesConfig, generate_scene
-from export.dense_export import (DETECTION_OUTPUTS, DetectionGraph, SegmentationGraph, check_detector,
-                                 check_segmenter, export_dense_to_repository)
+from export.dense_export import (DETECTION_OUTPUTS, PROB_ATOL, SCORE_ATOL, TIE_MARGIN, DetectionGraph, SegmentationGraph,
+                                 _compare_detections, _compare_masks, check_detector, check_segmenter, export_dense_to_repository)
 from export.models import create_model, get_entry
 from export.onnx_export import ExportError, export_onnx
 from serving.preprocess import letterbox
@@ -94,6 +94,64 @@ def test_checks_fail_when_the_file_is_another_model(tmp_path: Path, scene_inputs
     seg_model = SegmentationGraph(create_model("unet_tiny", 6).eval(), seg_entry.mean, seg_entry.std, channels=3, crop=SIZE)
     with pytest.raises(ExportError, match="mask pixels differ"):
         check_segmenter(seg_model.eval(), tmp_path / "seg.onnx", scene_inputs)
+
+
+def _probs_and_labels(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return probs.argmax(axis=1).astype(np.uint8), probs.astype(np.float32)
+
+
+def test_mask_comparison_forgives_only_near_ties() -> None:
+    """Engines that sum in other orders may break a near-tie either way; a decided pixel must never move."""
+    pixels = 64 * 64
+    rng = np.random.default_rng(0)
+    ref = rng.dirichlet(np.ones(3), size=(1, pixels)).transpose(0, 2, 1).reshape(1, 3, 64, 64)
+    ref[0, :, 0, 0] = (0.5 + TIE_MARGIN / 4, 0.5 - TIE_MARGIN / 4, 0.0)  # a near-tie, class 0 by a hair
+    ref[0, :, 0, 1] = (0.9, 0.1, 0.0)                                    # decided: class 0
+    other = ref.copy()
+    other[0, :, 0, 0] = (0.5 - TIE_MARGIN / 4, 0.5 + TIE_MARGIN / 4, 0.0)  # the tie breaks the other way
+    tied = _compare_masks(_probs_and_labels(ref), _probs_and_labels(other))
+    assert (tied.decided_differ, tied.ties_differ) == (0, 1) and tied.failure(pixels) is None
+    flipped = other.copy()
+    flipped[0, :, 0, 1] = (0.9 - PROB_ATOL / 2, 0.1, PROB_ATOL / 2)
+    a, b = _probs_and_labels(ref), _probs_and_labels(flipped)
+    b[0][0, 0, 1] = 2  # a decided pixel labelled otherwise fails even when the probabilities barely moved
+    assert "mask pixels differ" in (_compare_masks(a, b).failure(pixels) or "")
+    drifted = ref.copy()
+    drifted[0, :, 5, 5] += (2 * PROB_ATOL, -2 * PROB_ATOL, 0.0)
+    assert "probabilities differ" in (_compare_masks(_probs_and_labels(ref), _probs_and_labels(drifted)).failure(pixels) or "")
+    many = ref.copy()
+    many[0, 0], many[0, 1], many[0, 2] = 0.5, 0.5, 0.0  # every pixel a perfect tie, broken the other way in all of them
+    a, b = _probs_and_labels(many), _probs_and_labels(many)
+    b[0][:] = 1 - a[0]
+    assert "near-tie" in (_compare_masks(a, b).failure(pixels) or "")
+
+
+def _detections(rows: list[list[tuple[int, float]]], k: int = 4) -> list[np.ndarray]:
+    """EfficientNMS-layout outputs from (class, score) rows per image; box = (score, score, 1, 1) * 10."""
+    num = np.array([[len(r)] for r in rows], dtype=np.int32)
+    boxes, scores, classes = np.zeros((len(rows), k, 4), np.float32), np.zeros((len(rows), k), np.float32), \
+        np.zeros((len(rows), k), np.int32)
+    for i, r in enumerate(rows):
+        for j, (c, s) in enumerate(r):
+            boxes[i, j], scores[i, j], classes[i, j] = (10 * s, 10 * s, 10, 10), s, c
+    return [num, boxes, scores, classes]
+
+
+def test_detection_comparison_forgives_only_detections_at_a_cut() -> None:
+    floor, eps = 0.05, SCORE_ATOL / 4
+    ref = _detections([[(1, 0.9), (2, 0.5), (0, floor + eps)]])
+    # the near-floor detection fell under the floor in the other engine: not a failure
+    assert _compare_detections(ref, _detections([[(2, 0.5 + eps), (1, 0.9)]]), floor)[1] == pytest.approx(eps, rel=1e-3)
+    with pytest.raises(ExportError, match="no counterpart"):  # a confident detection lost
+        _compare_detections(ref, _detections([[(1, 0.9), (0, floor + eps)]]), floor)
+    with pytest.raises(ExportError, match="no counterpart"):  # or given another class
+        _compare_detections(ref, _detections([[(1, 0.9), (3, 0.5), (0, floor + eps)]]), floor)
+    with pytest.raises(ExportError, match="no counterpart"):  # or a score further off than SCORE_ATOL
+        _compare_detections(ref, _detections([[(1, 0.9), (2, 0.5 + 2 * SCORE_ATOL)]]), floor)
+    with pytest.raises(ExportError, match="no counterpart"):  # an extra confident one in the second output
+        _compare_detections(ref, _detections([[(1, 0.9), (2, 0.5), (4, 0.7)]]), floor)
+    full = _detections([[(1, 0.9), (2, 0.8), (3, 0.7), (0, 0.6)]])  # top-K full: the K-th is a cut too
+    assert _compare_detections(full, _detections([[(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6 - eps)]]), floor)[0] == 0.0
 
 
 def test_classifier_entries_are_refused(tmp_path: Path) -> None:

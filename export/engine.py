@@ -12,7 +12,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.precision import autocast
 from export.progress import progress_bar
 
 METRICS_JSON = "metrics.json"
@@ -75,26 +75,23 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x
 
 
-def _autocast(device: torch.device, enabled: bool) -> Any:
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
 def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, criterion: nn.Module, device: torch.device | str, *,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
+                    scaler: torch.amp.GradScaler | None = None, amp: str | None = None, channels_last: bool = False,
                     progress: bool = True, desc: str = "train", max_grad_norm: float | None = None) -> EpochStats:
     """Run one pass over ``loader`` and update ``model``.
 
     ``scheduler`` (optional) is stepped after every optimizer step, i.e. it is a
     per-iteration schedule (size it as epochs * len(loader)); per-epoch
-    schedules are stepped by the caller instead. ``scaler`` turns on float16
-    autocast with loss scaling on CUDA. A non-finite loss raises
-    FloatingPointError at once rather than silently wrecking the weights.
+    schedules are stepped by the caller instead. ``amp`` is a resolved mode of
+    export/precision.py (``off``, ``bf16`` or ``fp16``; by default ``fp16`` when a
+    ``scaler`` is given, which then scales the loss, else ``off``). A non-finite
+    loss raises FloatingPointError at once rather than silently wrecking the weights.
     """
     device = torch.device(device)
+    if amp is None:
+        amp = "fp16" if scaler is not None else "off"
     model.train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -105,7 +102,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
         images = _to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, scaler is not None):
+        with autocast(device, amp):
             logits = model(images)
             loss = criterion(logits, targets)
         if not torch.isfinite(loss):

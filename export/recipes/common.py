@@ -12,7 +12,6 @@ export/onnx_export.py's ServingGraph.logits), so training and serving cannot nor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,10 +26,14 @@ from torch import nn
 from export.engine import MetricsLog, load_checkpoint, save_checkpoint, seed_everything
 from export.models import ModelEntry, create_model, get_entry, list_models
 from export.onnx_export import ServingGraph
+from export.precision import autocast, resolve_amp
 from export.progress import progress_bar, stage_line
 from export.recipes.pretrain import PretrainResult, object_crops, pretrain_encoder
 from export.train import (BEST, CONFIG_FILE, LAST, TrainError, _config_layer, _DefaultsHelpFormatter, epoch_seed,
                           lr_factor, pick_device, resolved_config)
+
+
+DENSE_AMP_MODES = ("off", "bf16", "auto")  # no float16: the dense losses are not loss-scaled
 
 
 class DenseTask(Protocol):
@@ -119,7 +122,7 @@ def build_parser(task: DenseTask) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--amp", choices=AMP_MODES, default="off",
+    g.add_argument("--amp", choices=DENSE_AMP_MODES, default="off",
                    help="bf16: autocast convolutions to bfloat16 in training (weights, losses and export stay "
                         "float32), ~1.3x faster end to end on CPUs with AMX or AVX512-BF16, slower on others; "
                         "auto: bf16 where the CPU (or GPU) does bfloat16 natively, else off")
@@ -202,47 +205,6 @@ def _scalar_metrics(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, 
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-AMP_MODES = ("off", "bf16", "auto")
-_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bfloat16 in hardware (Intel AMX or AVX512-BF16; AMD Zen 4 has the latter).
-
-    Elsewhere oneDNN emulates bfloat16 and autocast makes training slower, not faster.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
-    return any(flag in flags for flag in _NATIVE_BF16_FLAGS)
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the device does bfloat16 natively, else ``off``; other modes as given."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "off"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
-
-
-def autocast(device: torch.device, amp: str) -> Any:
-    """The training forward's precision context: bf16 autocast for ``amp == "bf16"``, else nothing.
-
-    Only the forward pass is cast (convolutions and matmuls in bfloat16, accumulation in float32):
-    the weights, their gradients and the optimizer state stay float32, and the recipes' losses cast
-    logits back to float32, so no loss scaling is needed (bfloat16 has float32's exponent range).
-    """
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if amp != "off":
-        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
-    return contextlib.nullcontext()
-
-
 def train_epoch(task: DenseTask, model: nn.Module, graph: ServingGraph, loader: Any, optimizer: torch.optim.Optimizer,
                 scheduler: Any, device: torch.device, *, clip: float | None, progress: bool, desc: str,
                 amp: str = "off") -> dict[str, float]:
@@ -279,7 +241,7 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device = pick_device(args.device)
-    args.amp = resolve_amp(args.amp, device)   # config.yaml and metrics.json record what this run used
+    args.amp = resolve_amp(args.amp, device, cuda_auto="bf16")   # config.yaml and metrics.json record what this run used
     entry = get_entry(args.model)
     out: Path = args.output
     if (out / LAST).exists() and not args.overwrite:

@@ -35,6 +35,7 @@ class BuildContext:
     runs_dir: Path          # training runs go to runs_dir / <model name>
     gpu: bool = False       # train on CUDA when available, and mark the Triton instance group KIND_GPU
     epochs: int | None = None  # override each builder's epoch count (quick smoke builds)
+    amp: str | None = None     # override the recipes' precision (amp auto): "off" for a float32 build
     progress: bool = True
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # scratch shared by builders
 
@@ -134,6 +135,8 @@ def train_argv(options: dict[str, str], ctx: BuildContext, data: Path, run_dir: 
     options = dict(options)
     if ctx.epochs is not None:
         options["epochs"] = str(ctx.epochs)
+    if ctx.amp is not None and "amp" in options:
+        options["amp"] = ctx.amp
     argv = [item for key, value in options.items()
             for item in ((f"--{key}" if value == "true" else f"--no-{key}",) if value in ("true", "false")
                          else (f"--{key}", value))]
@@ -285,7 +288,7 @@ def publish(staging: Path, repo: Path) -> list[tuple[str, int]]:
 
 
 def build_repository(repo: Path, builders: list[DefaultModel], *, runs_dir: Path, gpu: bool = False,
-                     epochs: int | None = None, progress: bool = True, jobs: int = 1
+                     epochs: int | None = None, progress: bool = True, jobs: int = 1, amp: str | None = None
                      ) -> list[tuple[BuiltModel, int]]:
     """Run ``builders`` into a staging directory (``jobs`` at once, export/build_jobs.py), then publish;
     returns each model with its new version."""
@@ -295,7 +298,7 @@ def build_repository(repo: Path, builders: list[DefaultModel], *, runs_dir: Path
     work = Path(tempfile.mkdtemp(prefix="imgserve-build-"))
     try:
         ctx = BuildContext(repo=staging, runs_dir=Path(runs_dir), gpu=gpu, epochs=epochs, progress=progress,
-                           work_dir=work)
+                           work_dir=work, amp=amp)
         built = run_builders(builders, ctx, jobs=jobs)
         versions = dict(publish(staging, repo))
         return [(b, versions[b.name]) for b in built]
@@ -320,6 +323,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=None,
                         help="models built at once, each in its own process (default: 2 from 2 cores up, "
                              "which is faster than one at a time on 2 threads; 1 builds in this process)")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16"), default=None,
+                        help="training precision of every model but LeNet-5 (default: the recipes' auto, bfloat16 "
+                             "where the CPU computes it natively; off trains in float32 everywhere)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         results = build_repository(repo, builders, runs_dir=args.runs_dir, gpu=args.gpu, epochs=args.epochs,
-                                   progress=not args.quiet, jobs=args.jobs or auto_jobs())
+                                   progress=not args.quiet, jobs=args.jobs or auto_jobs(), amp=args.amp)
     except (RepositoryError, OSError, ValueError, RuntimeError) as exc:
         print(f"build-repo: failed, repository left unchanged: {exc}", file=sys.stderr)
         return 1

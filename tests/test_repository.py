@@ -241,6 +241,25 @@ def test_a_failing_builder_leaves_the_repository_unchanged(tmp_path: Path, onnx_
     assert [(b.name, v) for b, v in built] == [("good", 1)] and list(scan_repository(repo)) == ["good"]
 
 
+def test_build_commands_carry_the_recipe_switches_and_the_precision_override(tmp_path: Path) -> None:
+    require_module("torch")
+    from export.build_repo import SCENE_RECIPES, SHAPES_RECIPES, BuildContext, train_argv
+    from export.recipes import common, load_task
+    from export.train import parse_args
+
+    ctx = BuildContext(repo=tmp_path / "repo", runs_dir=tmp_path / "runs")
+    argv = train_argv(SHAPES_RECIPES["densenet_cifar"].options, ctx, tmp_path / "data", tmp_path / "run", "d")
+    args = parse_args(argv)
+    assert (args.amp, args.channels_last) == ("auto", True)  # "true" became a switch, not a value
+    float32 = BuildContext(repo=tmp_path / "repo", runs_dir=tmp_path / "runs", amp="off")
+    assert parse_args(train_argv(SHAPES_RECIPES["resnet20"].options, float32, tmp_path, tmp_path, "r")).amp == "off"
+    recipe = SCENE_RECIPES["unet_scenes"]
+    dense = common.parse_args(load_task(recipe.options["task"]),
+                              train_argv(recipe.options, float32, tmp_path, tmp_path / "u", "u"))
+    assert (dense.amp, dense.channels_last) == ("off", True)
+    assert train_argv({"channels-last": "false"}, ctx, tmp_path, tmp_path, "x")[0] == "--no-channels-last"
+
+
 @pytest.mark.slow
 def test_build_repo_command_trains_and_exports_lenet(tmp_path: Path, capsys) -> None:
     require_module("torch")

@@ -123,7 +123,8 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     ShapesRecipe("alexnet_cifar", {"model": "cifar_alexnet", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05"},
                  "AlexNet-style net (LRN, overlapping pooling, dropout, BatchNorm) on generated shapes; 10-crop by default",
                  ten_crop_default=True),
-    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05"},
+    ShapesRecipe("densenet_cifar", {"model": "cifar_densenet_bc", **_SHAPES_COMMON, "epochs": "12", "lr": "0.05",
+                                    "warmup-epochs": "1"},
                  "DenseNet-BC-22 (k=12) on generated shapes (32x32 RGB crops of 36x36)"),
     # Epochs and rates: ResNet-20 at 4 epochs reached 97.8% with seed 0 but 91.1% and 86.7% with seeds 1
     # and 2, and 95.2% with seed 0 in NHWC (other kernels, other weights: the lesson of issue #5). At 8
@@ -132,6 +133,8 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     # both paths gave 99.x% (docs/training.md). The AlexNet-style net and the
     # (narrow) DenseNet learn slower per epoch and were still under 95% at 8 epochs, so both get 12. DenseNet at lr 0.1 for
     # 10 epochs reached 98.4% with seed 0 but only 94.2% with seed 1; at lr 0.05 for 12, 98.8% (seed 1).
+    # In NHWC its seed 2 started slowly and reached 96.5% (float32) and 97.6% (bf16); a 1-epoch warmup
+    # made that 98.6% and 99.8%, with seeds 0 and 1 at 99.6% and 100% (float32).
 )}
 
 

@@ -57,9 +57,10 @@ class PretrainResult:
     seconds: float
 
 
-def mask_objects(mask: np.ndarray, num_classes: int, void: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def mask_objects(mask: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (x1 y1 x2 y2, mask pixels) and 0-based labels of each connected region of each foreground class
-    (class k of the mask is label k - 1; background 0 and ``void`` are skipped)."""
+    (class k of the mask is label k - 1; background 0 and void pixels, whose value is num_classes or more,
+    are never a class index and so are skipped)."""
     from scipy import ndimage
 
     boxes, labels = [], []
@@ -74,7 +75,6 @@ def mask_objects(mask: np.ndarray, num_classes: int, void: int = 255) -> tuple[n
             ys, xs = found
             boxes.append((xs.start, ys.start, xs.stop, ys.stop))
             labels.append(k - 1)
-    del void  # void pixels are never equal to a class index below num_classes
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
 
 

@@ -91,7 +91,7 @@ class SegmentationTask:
         train: VocSegmentation = data.train
         for index in range(len(train)):
             image, mask = train.raw(index)
-            boxes, labels = mask_objects(np.asarray(mask), len(data.labels), void=VOID)
+            boxes, labels = mask_objects(np.asarray(mask), len(data.labels))
             yield image, boxes, labels
 
     def object_classes(self, data: common.Datasets) -> int:

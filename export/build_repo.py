@@ -130,12 +130,21 @@ SHAPES_RECIPES: dict[str, ShapesRecipe] = {r.name: r for r in (
     # and 2, and 95.2% with seed 0 in NHWC (other kernels, other weights: the lesson of issue #5). At 8
     # epochs seeds 0-2 gave 98.8-99.6% but seed 3 only 90.9% (float32) and 92.0% (bf16): its first
     # epoch's loss stayed above chance, lr 0.05 reached too soon. With a 1-epoch warmup, seeds 0-5 on
-    # both paths gave 99.x% (docs/training.md). The AlexNet-style net and the
-    # (narrow) DenseNet learn slower per epoch and were still under 95% at 8 epochs, so both get 12. DenseNet at lr 0.1 for
-    # 10 epochs reached 98.4% with seed 0 but only 94.2% with seed 1; at lr 0.05 for 12, 98.8% (seed 1).
+    # both paths gave 99.x% (docs/training.md). The AlexNet-style net and the (narrow) DenseNet learn
+    # slower per epoch and were still under 95% at 8 epochs, so both get 12. DenseNet at lr 0.1 for 10
+    # epochs reached 98.4% with seed 0 but only 94.2% with seed 1; at lr 0.05 for 12, 98.8% (seed 1).
     # In NHWC its seed 2 started slowly and reached 96.5% (float32) and 97.6% (bf16); a 1-epoch warmup
     # made that 98.6% and 99.8%, with seeds 0 and 1 at 99.6% and 100% (float32).
 )}
+
+
+def _flag(key: str, value: str) -> tuple[str, ...]:
+    """One recipe option as command-line words: "true"/"false" are switches (--key / --no-key)."""
+    if value == "true":
+        return (f"--{key}",)
+    if value == "false":
+        return (f"--no-{key}",)
+    return (f"--{key}", value)
 
 
 def train_argv(options: dict[str, str], ctx: BuildContext, data: Path, run_dir: Path, name: str) -> list[str]:
@@ -145,9 +154,7 @@ def train_argv(options: dict[str, str], ctx: BuildContext, data: Path, run_dir: 
         options["epochs"] = str(ctx.epochs)
     if ctx.amp is not None and "amp" in options:
         options["amp"] = ctx.amp
-    argv = [item for key, value in options.items()
-            for item in ((f"--{key}" if value == "true" else f"--no-{key}",) if value in ("true", "false")
-                         else (f"--{key}", value))]
+    argv = [item for key, value in options.items() for item in _flag(key, value)]
     argv += ["--data", str(data), "--output", str(run_dir), "--overwrite", "--export-to", str(ctx.repo),
              "--name", name, "--device", "auto" if ctx.gpu else "cpu", "--progress" if ctx.progress else "--no-progress"]
     return argv + (["--export-gpu"] if ctx.gpu else [])

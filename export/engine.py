@@ -78,20 +78,18 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, criterion: nn.Module, device: torch.device | str, *,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    scaler: torch.amp.GradScaler | None = None, amp: str | None = None, channels_last: bool = False,
+                    scaler: torch.amp.GradScaler | None = None, amp: str = "off", channels_last: bool = False,
                     progress: bool = True, desc: str = "train", max_grad_norm: float | None = None) -> EpochStats:
     """Run one pass over ``loader`` and update ``model``.
 
     ``scheduler`` (optional) is stepped after every optimizer step, i.e. it is a
     per-iteration schedule (size it as epochs * len(loader)); per-epoch
     schedules are stepped by the caller instead. ``amp`` is a resolved mode of
-    export/precision.py (``off``, ``bf16`` or ``fp16``; by default ``fp16`` when a
-    ``scaler`` is given, which then scales the loss, else ``off``). A non-finite
+    export/precision.py (``off``, ``bf16`` or ``fp16``); with ``fp16`` pass the
+    caller's ``scaler`` (it is checkpointed) to scale the loss. A non-finite
     loss raises FloatingPointError at once rather than silently wrecking the weights.
     """
     device = torch.device(device)
-    if amp is None:
-        amp = "fp16" if scaler is not None else "off"
     model.train()
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -2,6 +2,7 @@
 
     python scripts/scenes_sweep.py --recipes default --seeds 0 1 2 3 4      # what build-repo trains (calibrates tests)
     python scripts/scenes_sweep.py --recipes full --seeds 0 1 2              # the 3-minute recipes (configs/*_full.yaml)
+    python scripts/scenes_sweep.py --recipes long --seeds 0 1 2              # the same, trained longer (configs/*_long.yaml)
     python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
     python scripts/scenes_sweep.py --recipes full --keep-all runs/sweep_repos  # then: scripts/tta_gain.py on them
 
@@ -35,8 +36,9 @@ TEST_SCENES = 200
 
 
 def recipe_config(name: str, which: str) -> Path:
-    """The config file of a recipe: the default build's (equal to build-repo's options; tested) or the full one."""
-    return ROOT / "configs" / (SCENE_RECIPES[name].config_file if which == "default" else f"{name}_full.yaml")
+    """The config file of a recipe: the default build's (equal to build-repo's options; tested), or
+    configs/NAME_full.yaml / NAME_long.yaml."""
+    return ROOT / "configs" / (SCENE_RECIPES[name].config_file if which == "default" else f"{name}_{which}.yaml")
 
 
 def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: int | None) -> dict:
@@ -66,7 +68,7 @@ def summarise(values: list[float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", choices=("default", "full"), nargs="+", default=["full"])
+    parser.add_argument("--recipes", choices=("default", "full", "long"), nargs="+", default=["full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")

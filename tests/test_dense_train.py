@@ -85,7 +85,8 @@ def test_model_of_another_task_is_a_usage_error(capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize("name", sorted(SCENE_RECIPES))
 def test_shipped_configs_match_the_default_repository_builders(name: str) -> None:
     """configs/<name>.yaml is exactly what build-repo trains; configs/<name>_full.yaml (the 3-minute recipe)
-    differs only in training length (epochs and pretraining epochs) and speed (amp, channels-last)."""
+    differs only in training length (epochs and pretraining epochs) and speed (amp, channels-last), and
+    configs/<name>_long.yaml is the full recipe with more epochs."""
     recipe = SCENE_RECIPES[name]
     shipped = yaml.safe_load((ROOT / "configs" / recipe.config_file).read_text())
     assert {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in shipped.items()} == recipe.options
@@ -93,7 +94,10 @@ def test_shipped_configs_match_the_default_repository_builders(name: str) -> Non
     length = ("epochs", "pretrain-epochs", "amp", "channels-last")
     assert {k: str(v) for k, v in full.items() if k not in length} == \
         {k: v for k, v in recipe.options.items() if k not in length}
+    long = yaml.safe_load((ROOT / "configs" / f"{name}_long.yaml").read_text())
+    assert {k: v for k, v in long.items() if k != "epochs"} == {k: v for k, v in full.items() if k != "epochs"}
+    assert long["epochs"] > full["epochs"]
     task = load_task(recipe.options["task"])
-    for path in (recipe.config_file, f"{name}_full.yaml"):
+    for path in (recipe.config_file, f"{name}_full.yaml", f"{name}_long.yaml"):
         args = common.parse_args(task, ["--config", str(ROOT / "configs" / path), "--data", "x"])
         assert args.model == recipe.options["model"]

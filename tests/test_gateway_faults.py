@@ -157,14 +157,17 @@ async def test_grace_running_out_fails_in_flight_requests_clearly_and_stops() ->
     backend.hold()                                  # never released while the gateway runs
     async with running_gateway(backend, shutdown_grace_s=0.5) as gw:
         via_grpc = asyncio.create_task(classify(grpc_target(gw), [1]))
+        # One request in the held backend call first: sent together, both could join that call's batch
+        # (an idle backend dispatches at once) and none would be left queued.
+        await until(lambda: len(backend.calls) == 1)
 
         async def via_sdk_http() -> object:
             async with AsyncImageClient(http_url(gw)) as client:
                 return await client.classify(grey_png(2), "tiny")
 
         via_http = asyncio.create_task(via_sdk_http())
-        await until(lambda: len(backend.calls) == 1
-                    and gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 1)
+        await until(lambda: gw.metrics.sample("imgserve_queue_depth", {"model": "tiny"}) == 1)
+        assert len(backend.calls) == 1
         await asyncio.wait_for(gw.stop(), 60)       # returns although the backend never answers
         assert backend.closed
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -24,6 +24,7 @@ class Settings:
     max_queue_size: int = 1024                # crops waiting per model before RESOURCE_EXHAUSTED
     preprocess_threads: int = 0               # 0: one per core
     backend_threads: int = 0                  # ORT intra-op threads; 0: one per core
+    backend_spin: bool = False                # ORT intra-op threads spin-wait for work (off: they yield the cores to decoding and RPC)
     device: str = "cpu"                       # embedded backend: cpu, cuda or cuda:N (CUDA EP, falls back to CPU)
     inline_preprocess_pixels: int = 16384     # images up to this many pixels decode on the event loop (0: never)
     inline_infer_ms: float = 0.5              # embedded backend: calls measured faster than this run on the event loop (0: never)

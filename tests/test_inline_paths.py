@@ -106,3 +106,14 @@ async def test_fast_backend_calls_move_onto_the_loop_and_answer_the_same(tmp_pat
     assert main in threads[1e6] and len(threads[1e6]) == 2  # the first call in the pool, then inline
     for a, b in zip(answers[0.0], answers[1e6]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("spin, expected", [(False, "0"), (True, "1")])
+def test_ort_pool_threads_sleep_between_calls_unless_spinning_is_asked(tmp_path: Path, spin: bool,
+                                                                       expected: str) -> None:
+    """ORT's default spin-wait steals the cores the gateway decodes and answers RPCs on (lenet5 at c=32:
+    0.46x Triton direct spinning, 0.65x not; docs/performance.md), so the embedded backend turns it off."""
+    backend = OnnxRuntimeBackend(Settings(model_repository=tmp_path, backend_spin=spin))
+    assert backend._session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected
+    if not spin:
+        assert Settings().backend_spin is False  # the default is the gateway's case

@@ -22,13 +22,16 @@ ROOT = HERE.parents[1]
 
 
 def stages(before: str | None) -> list[tuple[str, dict[str, str], str, str | None]]:
-    off = {"IMGSERVE_INLINE_PREPROCESS_PIXELS": "0", "IMGSERVE_INLINE_INFER_MS": "0"}
+    spin = {"IMGSERVE_BACKEND_SPIN": "true"}  # ORT's own default, and the gateway's until stage 4
+    off = {"IMGSERVE_INLINE_PREPROCESS_PIXELS": "0", "IMGSERVE_INLINE_INFER_MS": "0", **spin}
     out = []
     if before:
         out.append(("0 main (idle wait, pool hops)", {}, "", before))
     out += [("1 no idle wait + cached metric children", off, "", None),
-            ("2 + tiny decode and fast infer inline", {}, "", None),
-            ("3 + --workers 2", {}, "--workers 2", None)]
+            ("2 + tiny decode and fast infer inline", spin, "", None),
+            ("3 + --workers 2", spin, "--workers 2", None),
+            ("4 one worker, ORT threads sleep", {}, "", None),
+            ("5 + --workers 2", {}, "--workers 2", None)]
     return out
 
 

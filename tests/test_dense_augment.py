@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.data.dense_augment import (ColourJitter, Letterbox, RandomHorizontalFlip, RandomLetterbox, place_boxes,
+from export.data.dense_augment import (ColourJitter, Letterbox, RandomHorizontalFlip, RandomLetterbox, RandomMaskCrop,
+                                       place_boxes,
                                        train_transforms)
 from export.data.scenes import ScenesConfig, generate_scene
 
@@ -88,3 +89,29 @@ def test_colour_jitter_keeps_geometry() -> None:
     jittered, out = ColourJitter(0.4, 0.4, 0.4)(image, target)
     assert jittered.size == image.size and out is target
     assert not np.array_equal(np.asarray(jittered), np.asarray(image))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mask_crop_cuts_pixels_and_mask_at_the_same_window(seed: int) -> None:
+    random.seed(seed)
+    image, target = _scene_target(seed)
+    del target["boxes"], target["labels"]
+    # Pixels that encode their own position, so the crop's origin can be read back from the image.
+    pixels, out = train_transforms(SIZE, zoom=(1.0, 1.0), aspect=0.0, flip_p=0.0, colour=0.0, crop=96)(image, target)
+    assert pixels.shape == (96, 96, 3) and out["mask"].shape == (96, 96)
+    assert out["mask"].any(), "the window should hold part of the scene, not only the letterbox's bars"
+    canvas = np.arange(SIZE * SIZE, dtype=np.int64).reshape(SIZE, SIZE)
+    coded = np.stack([canvas % 256, canvas // 256, np.zeros_like(canvas)], -1).astype(np.uint8)
+    random.seed(seed)
+    cropped, moved = RandomMaskCrop(96)(coded, {"mask": (canvas % 7).astype(np.uint8)})
+    y, x = divmod(int(cropped[0, 0, 0]) + 256 * int(cropped[0, 0, 1]), SIZE)
+    np.testing.assert_array_equal(cropped, coded[y:y + 96, x:x + 96])
+    np.testing.assert_array_equal(moved["mask"], (canvas % 7)[y:y + 96, x:x + 96])
+
+
+def test_mask_crop_refuses_boxes_and_oversized_windows() -> None:
+    with pytest.raises(ValueError, match="masks only"):
+        RandomMaskCrop(64)(np.zeros((SIZE, SIZE, 3), np.uint8), {"mask": np.zeros((SIZE, SIZE), np.uint8),
+                                                                  "boxes": np.zeros((0, 4), np.float32)})
+    with pytest.raises(ValueError, match="larger than"):
+        RandomMaskCrop(160)(np.zeros((SIZE, SIZE, 3), np.uint8), {"mask": np.zeros((SIZE, SIZE), np.uint8)})

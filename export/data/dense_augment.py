@@ -9,6 +9,8 @@ indices). Training output is what the served graph takes: a uint8 [S, S, 3] lett
   in the canvas; zoomed-in images are cropped, and boxes that keep too little of themselves are
   dropped. Masks follow with nearest-neighbour resampling and pad with background (0).
 * ``RandomHorizontalFlip``: mirror pixels, masks and boxes (x -> S - x).
+* ``RandomMaskCrop``: a random C x C window of the S x S canvas and its mask (segmentation training
+  on patches: the same scale as serving at (C/S)^2 of the compute per image).
 * ``ColourJitter``: brightness, contrast and saturation factors; geometry untouched.
 * ``Letterbox``: the exact serving geometry (evaluation); the record to undo it goes in the target.
 """
@@ -110,6 +112,38 @@ class RandomHorizontalFlip:
         return np.ascontiguousarray(image[:, ::-1]), out
 
 
+class RandomMaskCrop:
+    """A random ``crop`` x ``crop`` window of an [S, S, 3] array and its mask (no boxes: segmentation only).
+
+    Why: a segmenter is fully convolutional, so it can learn from windows of the letterboxed scene at
+    the serving scale. A 96 px window of a 128 px canvas costs 56% of the compute of the whole image.
+    The window prefers the picture to the letterbox's grey bars: it is drawn up to ``tries`` times
+    and the first one that holds any non-background pixel is kept.
+    """
+
+    def __init__(self, crop: int, tries: int = 3) -> None:
+        if crop < 1:
+            raise ValueError(f"crop must be >= 1, got {crop}")
+        self.crop, self.tries = crop, tries
+
+    def __call__(self, image: np.ndarray, target: Target) -> tuple[np.ndarray, Target]:
+        if "boxes" in target:
+            raise ValueError("RandomMaskCrop moves masks only; crop detection targets with RandomLetterbox's zoom")
+        height, width = image.shape[:2]
+        if self.crop > min(height, width):
+            raise ValueError(f"crop {self.crop} is larger than the {width}x{height} canvas")
+        mask = target["mask"]
+        for _ in range(self.tries):
+            y = random.randint(0, height - self.crop)
+            x = random.randint(0, width - self.crop)
+            window = (slice(y, y + self.crop), slice(x, x + self.crop))
+            if mask[window].any():
+                break
+        out = dict(target)
+        out["mask"] = np.ascontiguousarray(mask[window])
+        return np.ascontiguousarray(image[window]), out
+
+
 class ColourJitter:
     """Random brightness, contrast and saturation factors in [1 - s, 1 + s] (PIL images, before geometry)."""
 
@@ -138,8 +172,11 @@ class Letterbox:
 
 
 def train_transforms(size: int, *, zoom: tuple[float, float] = (0.75, 1.25), aspect: float = 0.2,
-                     flip_p: float = 0.5, colour: float = 0.2) -> Compose:
-    """The training pipeline of both dense recipes: colour jitter, random letterbox, flip."""
+                     flip_p: float = 0.5, colour: float = 0.2, crop: int | None = None) -> Compose:
+    """The training pipeline of both dense recipes: colour jitter, random letterbox, flip, and for
+    segmentation optionally a random ``crop`` x ``crop`` window."""
     steps: list = [ColourJitter(colour, colour, colour)] if colour > 0 else []
     steps += [RandomLetterbox(size, zoom=zoom, aspect=aspect), RandomHorizontalFlip(flip_p)]
+    if crop is not None and crop < size:
+        steps.append(RandomMaskCrop(crop))
     return Compose(steps)

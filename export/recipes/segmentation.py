@@ -43,7 +43,7 @@ class MaskSample:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.augment = train_transforms(args.size, zoom=(args.zoom_min, args.zoom_max), aspect=args.aspect,
-                                        flip_p=args.hflip, colour=args.colour)
+                                        flip_p=args.hflip, colour=args.colour, crop=args.train_crop)
 
     def __call__(self, image: Any, target: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, target = self.augment(image, target)
@@ -66,6 +66,13 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) 
     return 1 - dice.mean()
 
 
+def _crop_side(text: str) -> int:
+    value = int(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the U-Net's deepest stride), got {value}")
+    return value
+
+
 def read_class_names(root: Path) -> list[str]:
     path = Path(root) / LABELS_FILE
     if not path.is_file():
@@ -79,7 +86,9 @@ class SegmentationTask:
     primary_metric = "miou"
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        del parser  # no options beyond the shared ones
+        parser.add_argument("--train-crop", type=_crop_side, default=None,
+                            help="train on random C x C windows of the S x S letterboxed scenes (a multiple of 16; "
+                                 "default: whole images). Validation and export stay at S")
 
     def datasets(self, args: argparse.Namespace, entry: ModelEntry) -> common.Datasets:
         train_split, val_split = ScenesLayout(args.data, args.train_split), ScenesLayout(args.data, args.val_split)

@@ -3,6 +3,7 @@
     python scripts/scenes_sweep.py --recipes default --seeds 0 1 2 3 4      # what build-repo trains (calibrates tests)
     python scripts/scenes_sweep.py --recipes full --seeds 0 1 2              # the 3-minute recipes (configs/*_full.yaml)
     python scripts/scenes_sweep.py --recipes long --seeds 0 1 2              # the same, trained longer (configs/*_long.yaml)
+    python scripts/scenes_sweep.py --recipes crops --models unet_scenes --seeds 0 1 2 3  # U-Net on 96 px windows
     python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
     python scripts/scenes_sweep.py --recipes full --keep-all runs/sweep_repos  # then: scripts/tta_gain.py on them
 
@@ -37,7 +38,7 @@ TEST_SCENES = 200
 
 def recipe_config(name: str, which: str) -> Path:
     """The config file of a recipe: the default build's (equal to build-repo's options; tested), or
-    configs/NAME_full.yaml / NAME_long.yaml."""
+    configs/NAME_full.yaml / NAME_long.yaml / NAME_crops.yaml."""
     return ROOT / "configs" / (SCENE_RECIPES[name].config_file if which == "default" else f"{name}_{which}.yaml")
 
 
@@ -68,7 +69,7 @@ def summarise(values: list[float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", choices=("default", "full", "long"), nargs="+", default=["full"])
+    parser.add_argument("--recipes", choices=("default", "full", "long", "crops"), nargs="+", default=["full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
@@ -94,6 +95,9 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="scenes-sweep-") as tmp:
                 work = Path(tmp)
                 for name in args.models:
+                    if not recipe_config(name, which).is_file():
+                        print(f"seed {seed} {which} {name}: no {recipe_config(name, which).name}, skipped", flush=True)
+                        continue
                     row = run_one(name, which, seed, data, work, args.threads)
                     results[which] = [r for r in results[which] if (r["model"], r["seed"]) != (name, seed)] + [row]
                     paths[which].write_text(json.dumps(results[which], indent=2) + "\n")

@@ -33,7 +33,9 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("segmentation", "unet_tiny", "miou", []),
     # bf16 autocast in NHWC: the checkpoint, the export and its parity stay float32
     ("detection", "centernet_tiny", "map", ["--amp", "bf16", "--channels-last"]),
-    ("segmentation", "unet_tiny", "miou", ["--amp", "bf16", "--channels-last"])])
+    ("segmentation", "unet_tiny", "miou", ["--amp", "bf16", "--channels-last"]),
+    # training on 64 px windows of the 128 px scenes; validation and the export stay at 128
+    ("segmentation", "unet_tiny", "miou", ["--amp", "bf16", "--channels-last", "--train-crop", "64"])])
 def test_toy_run_trains_exports_and_evaluates(scenes: Path, tmp_path: Path, task: str, model: str, metric: str,
                                               speed: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "toy.yaml"
@@ -101,3 +103,15 @@ def test_shipped_configs_match_the_default_repository_builders(name: str) -> Non
     for path in (recipe.config_file, f"{name}_full.yaml", f"{name}_long.yaml"):
         args = common.parse_args(task, ["--config", str(ROOT / "configs" / path), "--data", "x"])
         assert args.model == recipe.options["model"]
+
+
+def test_the_crops_recipe_is_the_full_one_on_windows_for_more_epochs() -> None:
+    """configs/unet_scenes_crops.yaml changes only what its comment says: 96 px windows and more epochs."""
+    full = yaml.safe_load((ROOT / "configs" / "unet_scenes_full.yaml").read_text())
+    crops = yaml.safe_load((ROOT / "configs" / "unet_scenes_crops.yaml").read_text())
+    assert {k: v for k, v in crops.items() if k not in ("epochs", "train-crop")} == \
+        {k: v for k, v in full.items() if k != "epochs"}
+    assert crops["epochs"] > full["epochs"]
+    args = common.parse_args(load_task("segmentation"),
+                             ["--config", str(ROOT / "configs" / "unet_scenes_crops.yaml"), "--data", "x"])
+    assert args.train_crop == 96

@@ -4,6 +4,7 @@
     python scripts/scenes_sweep.py --recipes full --seeds 0 1 2              # the 3-minute recipes (configs/*_full.yaml)
     python scripts/scenes_sweep.py --recipes long --seeds 0 1 2              # the same, trained longer (configs/*_long.yaml)
     python scripts/scenes_sweep.py --recipes crops --models unet_scenes --seeds 0 1 2 3  # U-Net on 96 px windows
+    python scripts/scenes_sweep.py --recipes full --models centernet_scenes --epochs 14 --out runs/sweep14  # more epochs
     python scripts/scenes_sweep.py --recipes default full --seeds 0 1 2      # both on the same data per seed
     python scripts/scenes_sweep.py --recipes full --keep-all runs/sweep_repos  # then: scripts/tta_gain.py on them
 
@@ -42,10 +43,13 @@ def recipe_config(name: str, which: str) -> Path:
     return ROOT / "configs" / (SCENE_RECIPES[name].config_file if which == "default" else f"{name}_{which}.yaml")
 
 
-def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: int | None) -> dict:
+def run_one(name: str, which: str, seed: int, data: Path, work: Path, threads: int | None,
+            epochs: int | None = None) -> dict:
     config = recipe_config(name, which)
     argv = ["--config", str(config), "--seed", str(seed), "--data", str(data), "--output", str(work / "runs" / name),
             "--overwrite", "--export-to", str(work / "repo"), "--name", name, "--no-progress"]
+    if epochs is not None:  # the flag beats the config file
+        argv += ["--epochs", str(epochs)]
     if threads:
         argv += ["--threads", str(threads)]
     task = load_task(task_of(["--config", str(config)]))
@@ -71,6 +75,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", choices=("default", "full", "long", "crops"), nargs="+", default=["full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override the recipes' epochs (after pretraining); use a fresh --out for each value")
     parser.add_argument("--models", nargs="+", default=sorted(SCENE_RECIPES))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_sweep")
@@ -98,7 +104,7 @@ def main() -> int:
                     if not recipe_config(name, which).is_file():
                         print(f"seed {seed} {which} {name}: no {recipe_config(name, which).name}, skipped", flush=True)
                         continue
-                    row = run_one(name, which, seed, data, work, args.threads)
+                    row = run_one(name, which, seed, data, work, args.threads, args.epochs)
                     results[which] = [r for r in results[which] if (r["model"], r["seed"]) != (name, seed)] + [row]
                     paths[which].write_text(json.dumps(results[which], indent=2) + "\n")
                     shown = {k: round(v, 4) for k, v in row["test"].items() if isinstance(v, float)}

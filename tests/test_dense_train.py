@@ -115,3 +115,6 @@ def test_the_crops_recipe_is_the_full_one_on_windows_for_more_epochs() -> None:
     args = common.parse_args(load_task("segmentation"),
                              ["--config", str(ROOT / "configs" / "unet_scenes_crops.yaml"), "--data", "x"])
     assert args.train_crop == 96
+    for bad in ("100", "144"):  # not a multiple of 16; larger than the 128 px input
+        with pytest.raises(SystemExit):
+            common.parse_args(load_task("segmentation"), ["--model", "unet_tiny", "--data", "x", "--train-crop", bad])

@@ -182,6 +182,9 @@ def _validate(task: DenseTask, args: argparse.Namespace) -> None:
     args.pretrain_window = args.pretrain_window or args.size // 2
     if not 8 <= args.pretrain_window <= args.size:
         raise TrainError(f"--pretrain-window must be in [8, {args.size}] (the input side)")
+    train_crop = getattr(args, "train_crop", None)  # segmentation only
+    if train_crop is not None and train_crop > args.size:
+        raise TrainError(f"--train-crop {train_crop} is larger than the input side {args.size}")
     if args.output is None:
         args.output = Path("runs") / args.model
     if args.name is None:

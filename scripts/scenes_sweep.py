@@ -101,8 +101,9 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="scenes-sweep-") as tmp:
                 work = Path(tmp)
                 for name in args.models:
-                    if not recipe_config(name, which).is_file():
-                        print(f"seed {seed} {which} {name}: no {recipe_config(name, which).name}, skipped", flush=True)
+                    config = recipe_config(name, which)
+                    if not config.is_file():
+                        print(f"seed {seed} {which} {name}: no {config.name}, skipped", flush=True)
                         continue
                     row = run_one(name, which, seed, data, work, args.threads, args.epochs)
                     results[which] = [r for r in results[which] if (r["model"], r["seed"]) != (name, seed)] + [row]

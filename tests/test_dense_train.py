@@ -118,3 +118,19 @@ def test_the_crops_recipe_is_the_full_one_on_windows_for_more_epochs() -> None:
     for bad in ("100", "144"):  # not a multiple of 16; larger than the 128 px input
         with pytest.raises(SystemExit):
             common.parse_args(load_task("segmentation"), ["--model", "unet_tiny", "--data", "x", "--train-crop", bad])
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(scenes: Path, tmp_path: Path) -> None:
+    """--val-every 2 over 3 epochs: validation after epochs 2 and 3 only, and the kept checkpoint is one of them."""
+    out = tmp_path / "run"
+    assert main(["--model", "unet_tiny", "--data", str(scenes), *TOY, "--epochs", "3", "--val-every", "2",
+                 "--train-crop", "64", "--output", str(out)]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all("train_loss" in r for r in rows)
+    assert [("val_miou" in r, "val_seconds" in r) for r in rows] == [(False, False), (True, True), (True, True)]
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert best["extra"]["best_epoch"] in (2, 3)
+    with Image.open(out / "metrics.png") as png:  # the plot takes epochs without validation
+        assert png.format == "PNG"
+    with pytest.raises(SystemExit):
+        common.parse_args(load_task("segmentation"), ["--data", "x", "--val-every", "0"])

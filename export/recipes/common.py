@@ -90,6 +90,8 @@ def build_parser(task: DenseTask) -> argparse.ArgumentParser:
                    help="dataset root: annotations/instances_SPLIT.json, SPLIT/images, SPLIT/SegmentationClass")
     g.add_argument("--train-split", default="train", help="split to train on")
     g.add_argument("--val-split", default="val", help="split that picks the best epoch and is reported")
+    g.add_argument("--val-every", type=int, default=1,
+                   help="validate every N epochs (and always after the last); the best validated epoch is kept")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--batch-size", type=int, default=8, help="images per training step")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
@@ -167,7 +169,7 @@ def _validate(task: DenseTask, args: argparse.Namespace) -> None:
         raise TrainError(f"--model {args.model} is a {entry.task} model, not {task.name}")
     if args.data is None:
         raise TrainError("give --data DIR (the dataset root; see imgserve make-dataset scenes)")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "val_every"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0 or args.weight_decay < 0 or args.workers < 0:
@@ -281,22 +283,26 @@ def run(task: DenseTask, args: argparse.Namespace) -> DenseResult:
         loader.generator.manual_seed(epoch_seed(args.seed, epoch))
         stats = train_epoch(task, model, graph, loader, optimizer, scheduler, device, clip=args.clip_grad,
                             progress=args.progress, desc=f"{args.model} epoch {epoch}/{args.epochs}", amp=args.amp)
-        t0 = time.perf_counter()
-        metrics = task.evaluate(model, entry, data, args)
-        val_seconds = time.perf_counter() - t0
-        score = float(metrics[task.primary_metric])
-        if score > best:
-            best, best_epoch, best_metrics = score, epoch, metrics
-            save_checkpoint(out / BEST, model, optimizer, epoch=epoch, best_accuracy=best,
-                            extra={**extra, "best_epoch": epoch})
+        validated = epoch % args.val_every == 0 or epoch == args.epochs
+        if validated:
+            t0 = time.perf_counter()
+            metrics = task.evaluate(model, entry, data, args)
+            val_seconds = time.perf_counter() - t0
+            score = float(metrics[task.primary_metric])
+            if score > best:
+                best, best_epoch, best_metrics = score, epoch, metrics
+                save_checkpoint(out / BEST, model, optimizer, epoch=epoch, best_accuracy=best,
+                                extra={**extra, "best_epoch": epoch})
         save_checkpoint(out / LAST, model, optimizer, epoch=epoch, best_accuracy=best,
                         extra={**extra, "best_epoch": best_epoch})
-        log.append(epoch, **stats, **_scalar_metrics(metrics), val_seconds=val_seconds)
+        log.append(epoch, **stats, **(_scalar_metrics(metrics) | {"val_seconds": val_seconds} if validated else {}))
         log.write(plot=True)
         parts = " ".join(f"{k[6:]} {v:.3f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
+        shown = (f"val {task.primary_metric} {score:.4f}" if validated else f"not validated (--val-every {args.val_every})")
         stage_line(f"{args.model} epoch {epoch}/{args.epochs}: loss {stats['train_loss']:.4f} ({parts}) | "
-                   f"val {task.primary_metric} {score:.4f} | lr {stats['lr']:.3g} | "
-                   f"{stats['train_seconds']:.1f}s + val {val_seconds:.1f}s", enabled=args.progress)
+                   f"{shown} | lr {stats['lr']:.3g} | "
+                   f"{stats['train_seconds']:.1f}s" + (f" + val {val_seconds:.1f}s" if validated else ""),
+                   enabled=args.progress)
     train_seconds = time.perf_counter() - run_start
     load_checkpoint(out / BEST, model, map_location=device)
     model.to(memory_format=torch.contiguous_format).eval()

@@ -27,8 +27,11 @@ BATCH = np.full((2, 4, 4, 1), 5, np.uint8)   # answer: class 5 % 3 = 2
 
 
 def settings_for(url: str, repo: Path) -> Settings:
-    # A long health interval: only the test decides when the backend looks at Triton again.
-    return triton_settings(url, repo, triton_health_interval_s=3600.0)
+    # A long health interval: only the test decides when the backend looks at Triton again. A generous probe
+    # timeout, as no test here is about slow probes: the fake shares the test's event loop, and on a loaded
+    # 2-core CI machine its first answer (channel set-up included) once took longer than the 0.5 s default,
+    # so the model looked unservable and, with no health loop to retry, stayed absent.
+    return triton_settings(url, repo, triton_health_interval_s=3600.0, triton_probe_timeout_s=5.0)
 
 
 @asynccontextmanager
